@@ -323,15 +323,24 @@ def _describe(cfg: CLIPConfig) -> str:
 
 # ----------------------------------------------------------------------------------------- model building
 def build_model(cfg: CLIPConfig, params: dict[tuple, np.ndarray], seed: int = 0) -> CLIP:
-    """A CLIP with `params` (flat paths) set; parameters absent from `params` keep their initial values."""
-    model = CLIP(cfg, rngs=nnx.Rngs(seed))
-    state = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    flat = traverse_util.flatten_dict(pure)
+    """A CLIP with `params` (flat paths) set; parameters absent from `params` get their initial values.
+
+    The model is built abstractly and only the absent parameters are initialised (a jitted init whose unused
+    outputs XLA drops): a full eager random init of ViT-B/16 would cost more than loading it.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(seed))))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    fresh = tuple(p for p in flat if p not in params)
+
+    @jax.jit
+    def init_fresh():
+        full = nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed))))
+        return [traverse_util.flatten_dict(full)[p] for p in fresh]
+
+    flat.update(zip(fresh, init_fresh()) if fresh else ())
     flat.update({k: jax.numpy.asarray(v) for k, v in params.items()})
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
-    nnx.update(model, state)
-    return model
+    return nnx.merge(graphdef, state)
 
 
 def _model_config(arch: dict, image_size, stride: int, overrides: dict) -> CLIPConfig:

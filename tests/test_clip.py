@@ -1,0 +1,211 @@
+"""CLIP towers against transformers' PyTorch CLIPModel (random init, every parameter perturbed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from reid_jax.models import clip as clip_lib
+from tests import torch_refs
+
+MAX_REL_ERR = 1e-4
+
+
+@pytest.fixture(scope="module")
+def b16(tmp_path_factory):
+    hf = torch_refs.hf_clip(torch_refs.B16_HF, seed=0)
+    folder = tmp_path_factory.mktemp("hf_b16")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = torch_refs.hf_clip(torch_refs.TINY_HF, seed=3)
+    folder = tmp_path_factory.mktemp("hf_tiny")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def _hf_image(hf, images, interpolate=False):
+    with torch.no_grad():
+        out = hf.get_image_features(pixel_values=torch_refs.nchw(images), interpolate_pos_encoding=interpolate)
+    return getattr(out, "pooler_output", out).numpy()
+
+
+def _hf_text(hf, ids):
+    with torch.no_grad():
+        out = hf.get_text_features(input_ids=torch.from_numpy(ids))
+    return getattr(out, "pooler_output", out).numpy()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (384, 128)])
+def test_vit_b16_parity(b16, size):
+    """ViT-B/16 shape. 384x128 uses HF's bicubic position interpolation, so we load with 'bicubic' there."""
+    hf, folder = b16
+    interp = size != (224, 224)
+    model = clip_lib.load_pretrained(folder, image_size=size, posemb_interpolation="bicubic")
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(2, *size, 3)).astype(np.float32)
+    ids = torch_refs.random_ids(3, rng)
+    img_err = torch_refs.rel_err(model.encode_image(images), _hf_image(hf, images, interp))
+    txt_err = torch_refs.rel_err(model.encode_text(ids), _hf_text(hf, ids))
+    print(f"ViT-B/16 {size[0]}x{size[1]}: image max rel err {img_err:.2e}, text max rel err {txt_err:.2e}")
+    assert img_err <= MAX_REL_ERR and txt_err <= MAX_REL_ERR
+
+
+def test_every_layer_matches_hf_hidden_states(tiny):
+    hf, folder = tiny
+    model = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ids = torch_refs.random_ids(2, rng)
+    _, img_layers = model.visual(jnp.asarray(images), return_layers=True)
+    _, txt_layers = model.text(jnp.asarray(ids), return_layers=True)
+    with torch.no_grad():
+        ref_img = hf.vision_model(pixel_values=torch_refs.nchw(images), output_hidden_states=True).hidden_states
+        ref_txt = hf.text_model(input_ids=torch.from_numpy(ids), output_hidden_states=True).hidden_states
+    assert len(img_layers) == len(ref_img) - 1 == 2
+    for ours, ref in zip(img_layers + txt_layers, ref_img[1:] + ref_txt[1:]):
+        assert torch_refs.rel_err(ours, ref.numpy()) <= MAX_REL_ERR
+
+
+def _hf_vision_tokens(hf, embeddings: torch.Tensor, masks) -> np.ndarray:
+    """HF encoder layers run one by one with one additive mask each."""
+    h = hf.vision_model.pre_layrnorm(embeddings)
+    with torch.no_grad():
+        for layer, mask in zip(hf.vision_model.encoder.layers, masks):
+            h = layer(h, mask)
+            h = h[0] if isinstance(h, tuple) else h
+    return h.numpy()
+
+
+def test_attention_bias_per_layer_matches_hf(tiny):
+    hf, folder = tiny
+    model = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    t = model.config.vision.num_tokens
+    # A different mask per layer and per example: random blocked entries, the diagonal always open.
+    masks = [np.where((rng.random((2, 1, t, t)) < 0.4) & ~np.eye(t, dtype=bool), -1e9, 0.0).astype(np.float32)
+             for _ in range(2)]
+    with torch.no_grad():
+        ref = _hf_vision_tokens(hf, hf.vision_model.embeddings(torch_refs.nchw(images)),
+                                [torch.from_numpy(m) for m in masks])
+    as_list, _ = model.visual(jnp.asarray(images), attn_bias=[jnp.asarray(m) for m in masks])
+    as_fn, _ = model.visual(jnp.asarray(images), attn_bias=lambda i, x: jnp.asarray(masks[i]))
+    assert torch_refs.rel_err(as_list, ref) <= MAX_REL_ERR
+    np.testing.assert_array_equal(as_list, as_fn)
+    one, _ = model.visual(jnp.asarray(images), attn_bias=jnp.asarray(masks[0]))
+    ref_one = _hf_vision_tokens(hf, hf.vision_model.embeddings(torch_refs.nchw(images)),
+                                [torch.from_numpy(masks[0])] * 2)
+    assert torch_refs.rel_err(one, ref_one) <= MAX_REL_ERR
+
+
+def test_overlapping_stride_matches_torch(tiny):
+    """Stride 4 < patch 8 at 48x32 (an 11x7 grid): torch conv + F.interpolate'd grid + HF encoder as reference."""
+    hf, folder = tiny
+    model = clip_lib.load_pretrained(folder, image_size=(48, 32), stride=4)
+    assert model.config.vision.grid == (11, 7)
+    images = np.random.default_rng(5).normal(size=(2, 48, 32, 3)).astype(np.float32)
+    emb = hf.vision_model.embeddings
+    with torch.no_grad():
+        patches = F.conv2d(torch_refs.nchw(images), emb.patch_embedding.weight, stride=4).flatten(2).transpose(1, 2)
+        pos = emb.position_embedding.weight
+        grid = pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(11, 7), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+        pos = torch.cat([pos[:1], grid.reshape(-1, pos.shape[1])])
+        x = torch.cat([emb.class_embedding.expand(2, 1, -1), patches], 1) + pos
+        tokens = _hf_vision_tokens(hf, x, [None, None])
+        ref = hf.visual_projection(hf.vision_model.post_layernorm(torch.from_numpy(tokens[:, 0]))).numpy()
+    assert torch_refs.rel_err(model.encode_image(images), ref) <= MAX_REL_ERR
+
+
+def test_text_from_embeddings_matches_hf(tiny):
+    """Prompt-learning path: arbitrary token embeddings in, EOT pooled at the ids' argmax."""
+    hf, folder = tiny
+    model = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    rng = np.random.default_rng(6)
+    ids = torch_refs.random_ids(2, rng)
+    embeddings = (0.05 * rng.normal(size=(2, 77, 64))).astype(np.float32)
+    ours = model.text_features(jnp.asarray(ids), jnp.asarray(embeddings))
+    tm = hf.text_model
+    with torch.no_grad():
+        x = tm.embeddings(inputs_embeds=torch.from_numpy(embeddings))
+        causal = torch.full((77, 77), -1e9).triu(1)[None, None]
+        for layer in tm.encoder.layers:
+            x = layer(x, causal)
+            x = x[0] if isinstance(x, tuple) else x
+        x = tm.final_layer_norm(x)[torch.arange(2), torch.from_numpy(ids).argmax(-1)]
+        ref = hf.text_projection(x).numpy()
+    assert torch_refs.rel_err(ours, ref) <= MAX_REL_ERR
+
+
+def test_extra_tokens_share_cls_position_and_can_be_isolated(tiny):
+    hf, folder = tiny
+    plain = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    parts = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8, vision={"num_extra_tokens": 3})
+    images = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 32, 3)), jnp.float32)
+    # Token 1..3 are the extra tokens: before ln_pre they are extra + CLS position.
+    v = parts.visual
+    raw = np.asarray(v.extra_tokens[...] + v.positional_embedding[...][0])
+    mean, var = raw.mean(-1, keepdims=True), raw.var(-1, keepdims=True)
+    ln = v.ln_pre.norm
+    expected = (raw - mean) / np.sqrt(var + 1e-5) * np.asarray(ln.scale[...]) + np.asarray(ln.bias[...])
+    np.testing.assert_allclose(v.embed(images)[0, 1:4], expected, atol=1e-5)
+    # When no other token may attend to them, CLS and the patches are unchanged.
+    t = parts.config.vision.num_tokens
+    bias = np.zeros((1, 1, t, t), np.float32)
+    bias[:, :, :, 1:4] = -1e9
+    bias[:, :, np.arange(1, 4), np.arange(1, 4)] = 0.0
+    tokens, _ = parts.visual(images, attn_bias=jnp.asarray(bias))
+    ref_tokens, _ = plain.visual(images)
+    np.testing.assert_allclose(np.delete(np.asarray(tokens), [1, 2, 3], axis=1), ref_tokens, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny):
+    _, folder = tiny
+    f32 = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    bf16 = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype("float32")}
+    rng = np.random.default_rng(8)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ids = torch_refs.random_ids(2, rng)
+    tokens, _ = bf16.visual(jnp.asarray(images))
+    assert tokens.dtype == jnp.bfloat16
+    out = bf16.encode_image(images)
+    assert out.dtype == jnp.float32
+    assert torch_refs.rel_err(out, f32.encode_image(images)) < 3e-2
+    assert torch_refs.rel_err(bf16.encode_text(ids), f32.encode_text(ids)) < 3e-2
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = clip_lib.CLIPConfig.tiny()
+    images = jnp.asarray(np.random.default_rng(9).normal(size=(2, 32, 16, 3)), jnp.float32)
+
+    def grads(remat):
+        model = clip_lib.CLIP(cfg.replace(remat=remat), rngs=nnx.Rngs(0))
+        return nnx.grad(lambda m: jnp.sum(m.image_features(images) ** 2))(model)
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_accepts_numpy_and_checks_the_input_size():
+    model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny(), rngs=nnx.Rngs(0))
+    out = model.encode_image(np.zeros((3, 32, 16, 3), np.float32))
+    assert out.shape == (3, 24) and out.dtype == jnp.float32
+    assert model.encode_text(np.zeros((2, 16), np.int32)).shape == (2, 24)
+    with pytest.raises(ValueError, match=r"images must be \[B, 32, 16, 3\]"):
+        model.encode_image(np.zeros((1, 16, 32, 3), np.float32))
+
+
+def test_config_round_trip_and_validation():
+    cfg = clip_lib.CLIPConfig.vit_b16(image_size=(384, 128), stride=12)
+    assert clip_lib.CLIPConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.vision.grid == (31, 10)
+    with pytest.raises(ValueError, match="activation"):
+        cfg.replace(activation="relu").validate()
