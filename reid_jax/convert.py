@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx, traverse_util
 
 from reid_jax.models import posemb as posemb_lib
@@ -242,12 +243,10 @@ def read_source(path) -> Source:
         if not config_file.exists():
             raise CheckpointError(f"{path}: a folder must hold {CONFIG_FILE} (a Hugging Face CLIPModel or a "
                                   f"`reid_jax.convert` output); none found")
-        hf = json.loads(config_file.read_text())
-        state, kind = {}, "hf"
+        extra, state, kind = _hf_arch(path, json.loads(config_file.read_text())), {}, "hf"
         for f in _hf_weight_files(path):
             state.update(_read_state_file(f))
         state = _hf_to_openai(_strip_prefixes(state))
-        extra = _hf_arch(path, hf)
     else:
         state, kind, extra = _strip_prefixes(_read_state_file(path)), "openai", {}
         for k in _NOT_WEIGHTS:
@@ -281,6 +280,13 @@ def _from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _torch_shape(path: tuple, shape: tuple) -> list[int]:
+    """Inverse of `_from_torch_layout` on a shape, to report shapes as the checkpoint holds them."""
+    if path[-1] == "kernel" and len(shape) == 4:
+        return [shape[3], shape[2], shape[0], shape[1]]
+    return list(shape[::-1]) if path[-1] == "kernel" else list(shape)
+
+
 def _abstract_params(cfg: CLIPConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
     return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -302,7 +308,8 @@ def map_params(source: Source, cfg: CLIPConfig, posemb_interpolation: str) -> di
         if path == _POSEMB and value.shape != spec.shape:
             value = posemb_lib.resize_posemb(value, cfg.vision.grid, posemb_interpolation, source.posemb_grid)
         if value.shape != spec.shape:
-            misshaped.append(f"{name}: expected {list(spec.shape)}, found {list(value.shape)}")
+            misshaped.append(f"{name}: expected {_torch_shape(path, spec.shape)}, "
+                             f"found {list(source.state[name].shape)}")
             continue
         out[path] = value.astype(np.float32)
     unexpected = sorted(set(source.state) - used)
@@ -347,6 +354,9 @@ def _model_config(arch: dict, image_size, stride: int, overrides: dict) -> CLIPC
     arch = _merge_arch(arch, {"vision": {"image_size": tuple(image_size), "stride": stride}})
     cfg = CLIPConfig().replace(**_merge_arch(arch, overrides))
     cfg.validate()
+    if cfg.vision.stride != cfg.vision.patch_size:
+        logging.warning("patch stride %d differs from the patch size %d: overlapping patches, grid %s",
+                        cfg.vision.stride, cfg.vision.patch_size, cfg.vision.grid)
     return cfg
 
 

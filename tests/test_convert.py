@@ -1,0 +1,218 @@
+"""Checkpoint reading (OpenAI TorchScript / state dict, open_clip, converted folders), errors, CLI round trip.
+
+The reference is OpenAI's own model code (clip-anytorch's `clip/model.py`) at a small ViT size.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from reid_jax import convert
+from reid_jax.models import clip as clip_lib
+from tests import torch_refs
+
+MAX_REL_ERR = 1e-4
+
+
+@pytest.fixture(scope="module")
+def openai():
+    return torch_refs.openai_clip(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sources(openai, tmp_path_factory):
+    """The same weights in every on-disk form a user may have."""
+    d = tmp_path_factory.mktemp("sources")
+    sd = openai.state_dict()
+    torch.save(sd, d / "openai_state_dict.pt")
+    traced = torch.jit.trace(openai, (torch.zeros(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)))
+    traced.save(str(d / "ViT-tiny.pt"))  # a TorchScript archive like OpenAI's ViT-B-16.pt
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+               d / "open_clip_epoch_3.pt")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, d / "open_clip.safetensors")
+    return d
+
+
+def _reference(openai, images, ids, grid=None):
+    """OpenAI's encode_image / encode_text; with `grid`, its position grid resized by F.interpolate first."""
+    with torch.no_grad():
+        if grid is not None:
+            pos = openai.visual.positional_embedding.data.clone()
+            g = pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+            g = F.interpolate(g, size=grid, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+            openai.visual.positional_embedding.data = torch.cat([pos[:1], g.reshape(-1, pos.shape[1])])
+        try:
+            img = openai.encode_image(torch_refs.nchw(images)).numpy()
+            txt = openai.encode_text(torch.from_numpy(ids)).numpy()
+        finally:
+            if grid is not None:
+                openai.visual.positional_embedding.data = pos
+    return img, txt
+
+
+def _check(model, openai, size=(32, 32), grid=None):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, *size, 3)).astype(np.float32)
+    ids = torch_refs.random_ids(3, rng)
+    ref_img, ref_txt = _reference(openai, images, ids, grid)
+    assert torch_refs.rel_err(model.encode_image(images), ref_img) <= MAX_REL_ERR
+    assert torch_refs.rel_err(model.encode_text(ids), ref_txt) <= MAX_REL_ERR
+
+
+@pytest.mark.parametrize("name", ["openai_state_dict.pt", "ViT-tiny.pt", "open_clip_epoch_3.pt",
+                                  "open_clip.safetensors"])
+def test_every_source_matches_openai_model(openai, sources, name):
+    model = clip_lib.load_pretrained(sources / name, image_size=(32, 32), stride=8)
+    assert model.config.vision.patch_size == 8 and model.config.vision.heads == 2
+    assert model.config.text.layers == 2 and model.config.embed_dim == 48
+    _check(model, openai)
+
+
+def test_reid_size_matches_openai_model_with_interpolated_grid(openai, sources):
+    model = clip_lib.load_pretrained(sources / "ViT-tiny.pt", image_size=(48, 16), stride=8)
+    assert model.config.vision.grid == (6, 2)
+    _check(model, openai, size=(48, 16), grid=(6, 2))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _write_state(path, sd):
+    torch.save(sd, path)
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(convert.CheckpointError, match="no such file"):
+        clip_lib.load_pretrained(tmp_path / "ViT-B-16.pt")
+
+
+@pytest.mark.parametrize("name", ["ViT-tiny.pt", "open_clip.safetensors", "openai_state_dict.pt"])
+def test_truncated_download(sources, tmp_path, name):
+    data = (sources / name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(convert.CheckpointError, match="truncated") as e:
+        clip_lib.load_pretrained(cut)
+    assert str(cut) in str(e.value)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"")
+    with pytest.raises(convert.CheckpointError, match="empty"):
+        clip_lib.load_pretrained(tmp_path / "x.pt")
+
+
+def test_checkpoint_of_another_model(tmp_path):
+    resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64), "fc.weight": torch.zeros(10, 64)}
+    with pytest.raises(convert.CheckpointError, match="does not look like a CLIP ViT checkpoint") as e:
+        clip_lib.load_pretrained(_write_state(tmp_path / "resnet50.pt", resnet))
+    assert "conv1.weight" in str(e.value) and "visual.conv1.weight" in str(e.value)
+
+
+def test_resnet_clip_is_named(tmp_path):
+    sd = {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "visual.conv1.weight": torch.zeros(32, 3, 3, 3)}
+    with pytest.raises(convert.CheckpointError, match="ResNet CLIP"):
+        clip_lib.load_pretrained(_write_state(tmp_path / "RN50.pt", sd))
+
+
+def test_missing_unexpected_and_misshaped_keys_are_all_named(openai, tmp_path):
+    sd = dict(openai.state_dict())
+    del sd["visual.ln_post.weight"]
+    sd["visual.extra_head.weight"] = torch.zeros(3)
+    sd["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(100, 128)
+    with pytest.raises(convert.CheckpointError) as e:
+        clip_lib.load_pretrained(_write_state(tmp_path / "bad.pt", sd))
+    msg = str(e.value)
+    assert "missing keys: ['visual.ln_post.weight']" in msg
+    assert "unexpected keys: ['visual.extra_head.weight']" in msg
+    assert "transformer.resblocks.1.mlp.c_fc.weight: expected [512, 128], found [100, 128]" in msg
+
+
+def test_hf_folder_problems(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(convert.CheckpointError, match="expected a Hugging Face CLIPModel config"):
+        clip_lib.load_pretrained(tmp_path)
+    hf_config = {"model_type": "clip", "vision_config": {"num_attention_heads": 2},
+                 "text_config": {"num_attention_heads": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(convert.CheckpointError, match="model.safetensors or pytorch_model.bin"):
+        clip_lib.load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(convert.CheckpointError, match="empty"):
+        clip_lib.load_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------- converted folders + CLI
+def _features(model, size):
+    rng = np.random.default_rng(1)
+    return (np.asarray(model.encode_image(rng.normal(size=(2, *size, 3)).astype(np.float32))),
+            np.asarray(model.encode_text(torch_refs.random_ids(2, rng))))
+
+
+def test_convert_then_load_round_trip(sources, tmp_path):
+    src, dst = sources / "ViT-tiny.pt", tmp_path / "converted"
+    assert convert.main([str(src), str(dst), "--image-size=48,16", "--stride=8"]) == 0
+    assert sorted(os.listdir(dst)) == ["config.json", "params"]
+    meta = json.loads((dst / "config.json").read_text())
+    assert meta["model"]["vision"]["image_size"] == [48, 16] and meta["source"]["posemb_grid"] == [4, 4]
+    for size, stride, interp in [((48, 16), 8, "bilinear"), ((32, 32), 8, "bilinear"), ((40, 24), 4, "bicubic"),
+                                 ((48, 16), 8, "bicubic")]:
+        direct = clip_lib.load_pretrained(src, image_size=size, stride=stride, posemb_interpolation=interp)
+        loaded = clip_lib.load_pretrained(dst, image_size=size, stride=stride, posemb_interpolation=interp)
+        for a, b in zip(_features(direct, size), _features(loaded, size)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_convert_never_leaves_a_partial_dst(openai, sources, tmp_path):
+    sd = dict(openai.state_dict())
+    del sd["ln_final.bias"]
+    bad = _write_state(tmp_path / "bad.pt", sd)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert convert.main([str(bad), str(out / "dst")]) == 1
+    assert os.listdir(out) == []  # neither DST nor a temporary folder
+    dst = out / "dst"
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst)]) == 0
+    before = (dst / "config.json").read_text()
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst), "--image-size=48,16"]) == 1  # exists
+    assert (dst / "config.json").read_text() == before
+    assert convert.main([str(bad), str(dst), "--overwrite"]) == 1  # a failed overwrite keeps the old DST
+    assert (dst / "config.json").read_text() == before
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst), "--image-size=48,16", "--overwrite"]) == 0
+    assert json.loads((dst / "config.json").read_text())["model"]["vision"]["image_size"] == [48, 16]
+    assert sorted(os.listdir(out)) == ["dst"]
+
+
+def test_half_converted_dst_is_reported(sources, tmp_path):
+    dst = tmp_path / "dst"
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst)]) == 0
+    victims = [p for p in (dst / "params").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    for p in victims:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(convert.CheckpointError, match="incomplete or damaged") as e:
+        clip_lib.load_pretrained(dst)
+    assert str(dst) in str(e.value)
+    import shutil
+    shutil.rmtree(dst / "params")
+    with pytest.raises(convert.CheckpointError, match="params/ is missing"):
+        clip_lib.load_pretrained(dst)
+
+
+def test_cli_subprocess_and_lazy_torch(sources, tmp_path):
+    """The CLI as a user runs it; reading .safetensors must not import torch."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "reid_jax.convert", str(tmp_path / "nope.pt"), str(tmp_path / "d")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and "nope.pt: no such file" in run.stderr
+    code = ("import sys; from reid_jax.models import clip; "
+            f"m = clip.load_pretrained({str(sources / 'open_clip.safetensors')!r}); "
+            "print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
