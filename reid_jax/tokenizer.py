@@ -95,13 +95,8 @@ def split_words(text: str) -> list[str]:
 def encode(texts: Sequence[str]) -> list[list[int]]:
     """BPE ids of each text, without SOT/EOT: N texts -> N lists of ids."""
     words = [split_words(t) for t in texts]
-    nonempty = [i for i, w in enumerate(words) if w]  # HF rejects an empty pre-split input
-    out: list[list[int]] = [[] for _ in words]
-    if nonempty:
-        batch = hf_tokenizer()([words[i] for i in nonempty], is_split_into_words=True, add_special_tokens=False)
-        for i, ids in zip(nonempty, batch["input_ids"]):
-            out[i] = ids
-    return out
+    backend = hf_tokenizer().backend_tokenizer  # its batch call without offsets: the fastest path
+    return [enc.ids for enc in backend.encode_batch_fast(words, is_pretokenized=True, add_special_tokens=False)]
 
 
 def tokenize(texts: str | Sequence[str], context_length: int = 77) -> np.ndarray:

@@ -30,18 +30,6 @@ def tiny(tmp_path_factory):
     return hf, folder
 
 
-def _hf_image(hf, images, interpolate=False):
-    with torch.no_grad():
-        out = hf.get_image_features(pixel_values=torch_refs.nchw(images), interpolate_pos_encoding=interpolate)
-    return getattr(out, "pooler_output", out).numpy()
-
-
-def _hf_text(hf, ids):
-    with torch.no_grad():
-        out = hf.get_text_features(input_ids=torch.from_numpy(ids))
-    return getattr(out, "pooler_output", out).numpy()
-
-
 @pytest.mark.parametrize("size", [(224, 224), (384, 128)])
 def test_vit_b16_parity(b16, size):
     """ViT-B/16 shape. 384x128 uses HF's bicubic position interpolation, so we load with 'bicubic' there."""
@@ -51,8 +39,8 @@ def test_vit_b16_parity(b16, size):
     rng = np.random.default_rng(1)
     images = rng.normal(size=(2, *size, 3)).astype(np.float32)
     ids = torch_refs.random_ids(3, rng)
-    img_err = torch_refs.rel_err(model.encode_image(images), _hf_image(hf, images, interp))
-    txt_err = torch_refs.rel_err(model.encode_text(ids), _hf_text(hf, ids))
+    img_err = torch_refs.rel_err(model.encode_image(images), torch_refs.hf_image_features(hf, images, interp))
+    txt_err = torch_refs.rel_err(model.encode_text(ids), torch_refs.hf_text_features(hf, ids))
     print(f"ViT-B/16 {size[0]}x{size[1]}: image max rel err {img_err:.2e}, text max rel err {txt_err:.2e}")
     assert img_err <= MAX_REL_ERR and txt_err <= MAX_REL_ERR
 

@@ -81,6 +81,25 @@ def test_reid_size_matches_openai_model_with_interpolated_grid(openai, sources):
     _check(model, openai, size=(48, 16), grid=(6, 2))
 
 
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_folder_formats_and_activation(tmp_path, act, weights):
+    """HF folders as save_pretrained writes them or with a .bin; LAION-style GELU models read hidden_act."""
+    hf = torch_refs.hf_clip(torch_refs.TINY_HF, seed=5, act=act)
+    hf.save_pretrained(tmp_path)
+    if weights == "pytorch_model.bin":
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), tmp_path / weights)
+    model = clip_lib.load_pretrained(tmp_path, image_size=(32, 32), stride=8)
+    assert model.config.activation == act and model.config.vision.heads == 4
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ids = torch_refs.random_ids(2, rng)
+    ref_img, ref_txt = torch_refs.hf_image_features(hf, images), torch_refs.hf_text_features(hf, ids)
+    assert torch_refs.rel_err(model.encode_image(images), ref_img) <= MAX_REL_ERR
+    assert torch_refs.rel_err(model.encode_text(ids), ref_txt) <= MAX_REL_ERR
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def _write_state(path, sd):
     torch.save(sd, path)

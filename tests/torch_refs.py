@@ -49,6 +49,19 @@ def hf_clip(shape: dict, seed: int = 0, act: str = "quick_gelu") -> transformers
     return perturb_(model, seed + 1)
 
 
+def hf_image_features(hf: transformers.CLIPModel, images: np.ndarray, interpolate: bool = False) -> np.ndarray:
+    """NHWC float images -> projected CLS [B, E] (HF's bicubic position interpolation when `interpolate`)."""
+    with torch.no_grad():
+        out = hf.get_image_features(pixel_values=nchw(images), interpolate_pos_encoding=interpolate)
+    return getattr(out, "pooler_output", out).numpy()  # transformers 5 may wrap the features in an output
+
+
+def hf_text_features(hf: transformers.CLIPModel, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = hf.get_text_features(input_ids=torch.from_numpy(ids))
+    return getattr(out, "pooler_output", out).numpy()
+
+
 def _load_file(name: str):
     spec = importlib.util.find_spec("clip")
     if spec is None:

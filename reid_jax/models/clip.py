@@ -16,8 +16,8 @@ What the three methods need beyond plain CLIP:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -159,7 +159,8 @@ class MLP(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         self.c_fc = nnx.Linear(width, hidden, dtype=dt, kernel_init=_normal((2 * width) ** -0.5), rngs=rngs)
         self.c_proj = nnx.Linear(hidden, width, dtype=dt, kernel_init=_normal(proj_std), rngs=rngs)
-        self.act = quick_gelu if cfg.activation == "quick_gelu" else jax.nn.gelu
+        # "gelu" is the exact erf form, as torch's nn.GELU in open_clip and HF's "gelu".
+        self.act = quick_gelu if cfg.activation == "quick_gelu" else partial(jax.nn.gelu, approximate=False)
 
     def __call__(self, x: Array) -> Array:
         return self.c_proj(self.act(self.c_fc(x)))
