@@ -1,0 +1,48 @@
+"""`python -m reid_jax.data.build NAME --manual_dir=DIR --data_dir=DIR [--config=NAME] [--skip_bad]`.
+
+Turns a dataset's raw download, in the layout its authors ship, into a TFDS dataset (array_record) once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+
+from data_builders import BUILDERS
+from data_builders.common import BadItem, ManualDirError
+from reid_jax import data
+
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "folder holding the raw download")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "where the TFDS dataset is written", required=True)
+_CONFIG = flags.DEFINE_string("config", None, "builder config (e.g. small/demo for synthetic_pedestrians)")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "skip corrupt images and malformed entries, counting them")
+_PART_BOXES = flags.DEFINE_string("part_boxes", None, "parts.jsonl from `reid_jax.captioning ground`")
+
+
+def build(name: str, data_dir, manual_dir=None, config=None, skip_bad=False, part_boxes=None):
+    """Builds dataset `name` into data_dir; returns the builder."""
+    b = data.builder(name, data_dir, config, skip_bad=skip_bad, part_boxes=part_boxes)
+    download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
+    b.download_and_prepare(download_config=download_config)
+    return b
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in BUILDERS:
+        print(f"usage: python -m reid_jax.data.build NAME --manual_dir=DIR --data_dir=DIR; NAME is one of "
+              f"{', '.join(sorted(BUILDERS))}", file=sys.stderr)
+        return 2
+    try:
+        b = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _CONFIG.value, _SKIP_BAD.value, _PART_BOXES.value)
+    except (BadItem, ManualDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    logging.info("built %s", b.data_dir)
+    print(f"built {argv[1]} -> {b.data_dir}: " + ", ".join(f"{k} {v.num_examples}" for k, v in b.info.splits.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
