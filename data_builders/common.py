@@ -125,6 +125,9 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _needs_manual_dir(self) -> bool:
         return True
 
+    def _generate_examples(self, **kwargs):  # abstract in TFDS; unused: _split_generators yields examples itself
+        raise NotImplementedError("subclasses implement _examples")
+
     # ---------------------------------------------------------------------------------------------- common
     def _manual_dir(self, dl_manager) -> Path:
         try:
