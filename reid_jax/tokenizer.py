@@ -28,6 +28,7 @@ import functools
 import gzip
 import html
 import importlib.resources
+import threading
 from collections.abc import Sequence
 
 import ftfy
@@ -67,9 +68,18 @@ def load_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()  # input pipelines tokenise from several threads; transformers' lazy import is not
+                                # safe to run concurrently
+
+
 def hf_tokenizer():
     """transformers' CLIPTokenizer over the packaged vocab, set up to BPE-encode already split words."""
+    with _BUILD_LOCK:
+        return _build_hf_tokenizer()
+
+
+@functools.cache
+def _build_hf_tokenizer():
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 

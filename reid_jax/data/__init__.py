@@ -12,8 +12,11 @@ def builder(name: str, data_dir, config: str | None = None, **kwargs):
     return builder_class(name)(data_dir=str(data_dir), config=config, **kwargs)
 
 
-def load_source(name: str, split: str, data_dir, config: str | None = None):
-    """Random-access source of a built dataset: a sequence of dicts (see data_builders/common.py)."""
+def load_source(name: str, split: str, data_dir, config: str | None = None, decode_image: bool = True):
+    """Random-access source of a built dataset: a sequence of dicts (see data_builders/common.py).
+
+    With `decode_image=False` the image stays encoded bytes: cheap metadata and caption reads.
+    """
     b = builder(name, data_dir, config)
     if not Path(b.data_dir).exists():
         cfg = f" --config={b.builder_config.name}" if b.builder_config else ""
@@ -22,4 +25,8 @@ def load_source(name: str, split: str, data_dir, config: str | None = None):
             f"`python -m reid_jax.data.build {name} --manual_dir=DIR --data_dir={data_dir}{cfg}`")
     if split not in b.info.splits:
         raise KeyError(f"dataset {name!r} has splits {sorted(b.info.splits)}, not {split!r}")
-    return b.as_data_source(split=split)
+    if decode_image:
+        return b.as_data_source(split=split)
+    import tensorflow_datasets as tfds
+
+    return b.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})

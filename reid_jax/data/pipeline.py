@@ -1,0 +1,220 @@
+"""grain input pipelines: training streams and deterministic evaluation batches.
+
+Every stream is a grain `MapDataset` whose elements are *host batches*: the slice of one global batch that this
+process feeds (multi-host runs assemble the global batch with `jax.make_array_from_process_local_data`). All
+randomness comes from (seed, position in the stream), so a stream is identical for any number of worker processes
+and hosts, and its iterator state (`get_state` / `set_state`) resumes mid-epoch.
+
+Streams:
+  * `pairs_train`: image-caption pairs (text-to-image); one caption drawn per image visit
+    (`caption_mode='random'`) or one example per caption (`'all'`);
+  * `pk_train`: image ReID with identity-balanced batches, P identities x K images;
+  * `eval_images` / `eval_captions`: fixed order, the tail padded, `valid` marks real rows.
+
+Batch fields: image float32 [B, H, W, 3] (normalised), text int32 [B, L], pid int32 [B] (contiguous training
+label; the dataset's own id in evaluation), camid int32 [B], part_boxes float32 [B, 3, 4], index int32 [B] (the
+example id: stable across epochs, for per-example state such as NAM's similarity table), image_index int32 [B]
+(record id), valid bool [B] (evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from functools import partial
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from reid_jax import tokenizer
+from reid_jax.data import transforms
+from reid_jax.data.index import SplitIndex, relabel
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's share of every global batch: rows [index * B / count, (index + 1) * B / count)."""
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def from_jax(cls) -> Shard:
+        import jax
+
+        return cls(jax.process_index(), jax.process_count())
+
+    def rows(self, global_batch: int) -> slice:
+        if global_batch % self.count:
+            raise ValueError(f"global batch {global_batch} is not divisible by {self.count} processes")
+        n = global_batch // self.count
+        return slice(self.index * n, (self.index + 1) * n)
+
+
+# ------------------------------------------------------------------------------------------ example spaces
+def caption_examples(num_captions: np.ndarray, records: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(record id [E], caption id [E]) of each example: one per record with caption -1 (= draw one at each visit)
+    for mode 'random', one per caption for 'all'. Records without captions are left out."""
+    records = records[num_captions[records] > 0]
+    if mode == "random":
+        return records, np.full(len(records), -1, np.int64)
+    if mode == "all":
+        counts = num_captions[records]
+        return np.repeat(records, counts), np.concatenate([np.arange(c) for c in counts]) if len(counts) else records
+    raise ValueError(f"caption_mode must be 'random' or 'all', got {mode!r}")
+
+
+def pk_batch(groups: Sequence[np.ndarray], p: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """P identities drawn without replacement, K records each (with replacement only if it has fewer): [P*K]."""
+    chosen = rng.choice(len(groups), size=p, replace=False)
+    return np.concatenate([rng.choice(groups[c], size=k, replace=len(groups[c]) < k) for c in chosen])
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _read(source, ids: np.ndarray) -> list[dict]:
+    ids = [int(i) for i in ids]
+    return source.__getitems__(ids) if hasattr(source, "__getitems__") else [source[i] for i in ids]
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _example_rngs(seed: int, positions: np.ndarray) -> list[np.random.Generator]:
+    """One generator per stream position: augmentation independent of batch slicing, hosts and workers."""
+    return [np.random.default_rng([seed, int(p)]) for p in positions]
+
+
+def _augment(rec: dict, cfg, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    return transforms.train_transform(rec["image"], np.asarray(rec["part_boxes"]), cfg.aug, rng)
+
+
+def _load_pairs(source, examples, labels, cfg, seed: int, items: np.ndarray) -> dict:
+    """[B, 2] (stream position, example id) -> a batch of augmented images and one tokenised caption each."""
+    positions, ids = items[:, 0], items[:, 1]
+    record_ids, caption_ids = examples[0][ids], examples[1][ids]
+    images, boxes, captions = [], [], []
+    for rec, cap, rng in zip(_read(source, record_ids), caption_ids, _example_rngs(seed, positions)):
+        image, box = _augment(rec, cfg, rng)
+        images.append(image)
+        boxes.append(box)
+        cap = int(rng.integers(len(rec["captions"]))) if cap < 0 else cap
+        captions.append(_text(rec["captions"][cap]))
+    return {"image": np.stack(images), "text": tokenizer.tokenize(captions, cfg.context_length),
+            "pid": labels[record_ids], "part_boxes": np.stack(boxes), "index": ids.astype(np.int32),
+            "image_index": record_ids.astype(np.int32)}
+
+
+def _load_images(source, labels, cfg, seed: int, items: np.ndarray) -> dict:
+    """[B, 2] (stream position, record id) -> a batch of augmented images (image ReID)."""
+    positions, record_ids = items[:, 0], items[:, 1]
+    images, boxes, camids = [], [], []
+    for rec, rng in zip(_read(source, record_ids), _example_rngs(seed, positions)):
+        image, box = _augment(rec, cfg, rng)
+        images.append(image)
+        boxes.append(box)
+        camids.append(rec["camid"])
+    return {"image": np.stack(images), "pid": labels[record_ids], "camid": np.asarray(camids, np.int32),
+            "part_boxes": np.stack(boxes), "index": record_ids.astype(np.int32),
+            "image_index": record_ids.astype(np.int32)}
+
+
+def _train_labels(index: SplitIndex, records: np.ndarray) -> np.ndarray:
+    """Contiguous labels 0..C-1 over the training records' pids (-1 for records outside them): [N]."""
+    labels = np.full(len(index), -1, np.int32)
+    labels[records] = relabel(index.pids[records])[0]
+    return labels
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    ds = ds.to_iter_dataset()
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------- training
+def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
+                subset: np.ndarray | None = None) -> grain.IterDataset:
+    """Shuffled image-caption pairs; `cfg` is config.data (batch_size global, caption_mode, context_length,
+    num_epochs (None = forever), num_workers, aug)."""
+    records = np.arange(len(index)) if subset is None else np.asarray(subset)
+    examples = caption_examples(index.num_captions, records, cfg.caption_mode)
+    labels = _train_labels(index, records)
+    rows = shard.rows(cfg.batch_size)
+    ds = grain.MapDataset.range(len(examples[0])).shuffle(seed=seed).repeat(cfg.num_epochs)
+    ds = ds.map_with_index(lambda position, example: (position, example))
+    ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda xs: np.asarray(xs)[rows])
+    ds = ds.map(partial(_load_pairs, source, examples, labels, cfg, seed))
+    return _to_iter(ds, cfg.num_workers)
+
+
+def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
+             subset: np.ndarray | None = None) -> grain.IterDataset:
+    """Identity-balanced batches of P x K images; an epoch is len(records) // (P * K) batches."""
+    records = np.arange(len(index)) if subset is None else np.asarray(subset)
+    labels = _train_labels(index, records)
+    order = np.argsort(labels[records], kind="stable")
+    groups = np.split(records[order], np.flatnonzero(np.diff(labels[records][order])) + 1)
+    p, k = cfg.pk.identities, cfg.pk.instances
+    if p > len(groups):
+        raise ValueError(f"config.data.pk.identities={p} but the training set has only {len(groups)} identities")
+    batch = p * k
+    rows = shard.rows(batch)
+    ds = grain.MapDataset.range(max(1, len(records) // batch)).repeat(cfg.num_epochs)
+    ds = ds.random_map(lambda _, rng: pk_batch(groups, p, k, rng), seed=seed)
+    ds = ds.map_with_index(lambda b, ids: np.stack([b * batch + np.arange(batch), ids], axis=1)[rows])
+    ds = ds.map(partial(_load_images, source, labels, cfg, seed))
+    return _to_iter(ds, cfg.num_workers)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _eval_positions(n: int, batch_size: int, shard: Shard) -> grain.MapDataset:
+    """Host batches of positions over 0..n-1 in order; the global tail is padded with -1."""
+    global_batch = batch_size * shard.count
+    num_batches = -(-n // global_batch)
+    padded = np.full(num_batches * global_batch, -1, np.int64)
+    padded[:n] = np.arange(n)
+    rows = shard.rows(global_batch)
+    return grain.MapDataset.range(num_batches).map(lambda b: padded[b * global_batch: (b + 1) * global_batch][rows])
+
+
+def eval_images(source, cfg: ml_collections.ConfigDict, *, batch_size: int, shard: Shard = Shard(),
+                subset: np.ndarray | None = None, num_workers: int = 0) -> grain.IterDataset:
+    """Every record once, in order: image (resized, normalised), pid and camid as stored, valid."""
+    records = np.arange(len(source)) if subset is None else np.asarray(subset)
+
+    def load(positions):
+        valid = positions >= 0
+        ids = records[np.where(valid, positions, 0)]
+        recs = _read(source, ids)
+        return {"image": np.stack([transforms.eval_transform(r["image"], cfg.aug) for r in recs]),
+                "pid": np.asarray([r["pid"] for r in recs], np.int32),
+                "camid": np.asarray([r["camid"] for r in recs], np.int32),
+                "image_index": ids.astype(np.int32), "valid": valid}
+
+    return _to_iter(_eval_positions(len(records), batch_size, shard).map(load), num_workers)
+
+
+def eval_captions(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, batch_size: int,
+                  shard: Shard = Shard(), subset: np.ndarray | None = None) -> grain.IterDataset:
+    """Every caption once, in order: text int32 [B, L], pid (the dataset's), image_index, valid.
+
+    Pass a source opened with `decode_image=False`: only the captions are read.
+    """
+    records = np.arange(len(index)) if subset is None else np.asarray(subset)
+    rec_of, cap_of = caption_examples(index.num_captions, records, "all")
+
+    def load(positions):
+        valid = positions >= 0
+        safe = np.where(valid, positions, 0)
+        recs = _read(source, rec_of[safe])
+        captions = [_text(r["captions"][c]) for r, c in zip(recs, cap_of[safe])]
+        return {"text": tokenizer.tokenize(captions, cfg.context_length),
+                "pid": index.pids[rec_of[safe]].astype(np.int32), "image_index": rec_of[safe].astype(np.int32),
+                "valid": valid}
+
+    return _to_iter(_eval_positions(len(rec_of), batch_size, shard).map(load), 0)

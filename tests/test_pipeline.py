@@ -1,0 +1,177 @@
+"""grain pipelines and transforms on an in-memory source in the builders' record schema."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from reid_jax import tokenizer
+from reid_jax.data import pipeline, transforms
+from reid_jax.data.index import SplitIndex
+
+H, W = 32, 16
+
+
+def _record(i: int, pid: int, camid: int, ncap: int) -> dict:
+    image = np.full((40, 20, 3), i % 250, np.uint8)  # each record a constant grey, to recognise it
+    return {"image": image, "file_name": f"{i}.jpg".encode(), "pid": pid, "camid": camid,
+            "captions": [f"person {pid} caption {c}".encode() for c in range(ncap)],
+            "caption_sources": [], "domain": f"d{pid % 3}".encode(),
+            "part_boxes": np.array([[0.2, 0.0, 0.8, 0.2], [0.1, 0.2, 0.9, 0.6], [0.1, 0.6, 0.9, 1.0]], np.float32)}
+
+
+@pytest.fixture(scope="module")
+def source():
+    rng = np.random.default_rng(0)
+    recs, i = [], 0
+    for pid in range(1, 13):  # 12 identities, 2..6 images, 1..3 captions
+        for _ in range(int(rng.integers(2, 7))):
+            recs.append(_record(i, pid * 10, int(rng.integers(0, 4)), int(rng.integers(1, 4))))
+            i += 1
+    return recs
+
+
+@pytest.fixture(scope="module")
+def index(source):
+    return SplitIndex.scan(source)
+
+
+def _cfg(**kw) -> ml_collections.ConfigDict:
+    aug = transforms.default_config()
+    aug.image_size = (H, W)
+    aug.pad = 2
+    cfg = ml_collections.ConfigDict({"batch_size": 8, "caption_mode": "random", "context_length": 16,
+                                     "num_epochs": None, "num_workers": 0, "aug": aug,
+                                     "pk": {"identities": 4, "instances": 2}})
+    cfg.update(kw)
+    return cfg
+
+
+def _take(ds, n):
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def test_pairs_batch_shapes_dtypes_and_content(source, index):
+    batch = _take(pipeline.pairs_train(source, index, _cfg(), seed=0), 1)[0]
+    assert batch["image"].shape == (8, H, W, 3) and batch["image"].dtype == np.float32
+    assert batch["text"].shape == (8, 16) and batch["text"].dtype == np.int32
+    assert batch["part_boxes"].shape == (8, 3, 4)
+    for j, rec_id in enumerate(batch["image_index"]):
+        rec = source[rec_id]
+        # The caption is one of the record's own captions, tokenised exactly.
+        options = [tokenizer.tokenize(c.decode(), 16)[0] for c in rec["captions"]]
+        assert any((batch["text"][j] == o).all() for o in options)
+        # Labels are contiguous and consistent with the pids.
+        assert batch["pid"][j] == sorted({r["pid"] for r in source}).index(rec["pid"])
+
+
+def test_all_captions_mode_visits_every_caption_once_per_epoch(source, index):
+    n = int(index.num_captions.sum())
+    cfg = _cfg(caption_mode="all", batch_size=n, num_epochs=1)
+    cfg.aug.erase_prob = 0.0
+    (batch,) = _take(pipeline.pairs_train(source, index, cfg, seed=1), 1)
+    assert sorted(batch["index"]) == list(range(n))
+    got = sorted(tokenizer.tokenize([], 16).tolist() + batch["text"].tolist())
+    want = sorted(tokenizer.tokenize([c.decode() for r in source for c in r["captions"]], 16).tolist())
+    assert got == want
+
+
+def test_pk_batches_have_p_identities_with_k_images(source, index):
+    for batch in _take(pipeline.pk_train(source, index, _cfg(), seed=0), 5):
+        labels, counts = np.unique(batch["pid"], return_counts=True)
+        assert len(labels) == 4 and (counts == 2).all()
+        # identities come in contiguous groups of K (so a host slice holds whole identities)
+        assert (batch["pid"].reshape(4, 2) == batch["pid"].reshape(4, 2)[:, :1]).all()
+        for rec_id, label in zip(batch["image_index"], batch["pid"]):
+            assert sorted({r["pid"] for r in source}).index(source[rec_id]["pid"]) == label
+
+
+def test_pk_requires_enough_identities(source, index):
+    with pytest.raises(ValueError, match="only 12 identities"):
+        pipeline.pk_train(source, index, _cfg(pk={"identities": 20, "instances": 2}), seed=0)
+
+
+def test_hosts_split_the_global_batch(source, index):
+    whole = _take(pipeline.pairs_train(source, index, _cfg(), seed=3), 2)
+    parts = [_take(pipeline.pairs_train(source, index, _cfg(), seed=3, shard=pipeline.Shard(h, 2)), 2)
+             for h in range(2)]
+    for step in range(2):
+        for key in ("image", "text", "index"):
+            np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), whole[step][key])
+
+
+def test_resume_mid_epoch_gives_the_same_next_batch(source, index):
+    for make in (pipeline.pairs_train, pipeline.pk_train):
+        ds = make(source, index, _cfg(), seed=5)
+        it = iter(ds)
+        for _ in range(3):
+            next(it)
+        state = it.get_state()
+        expected = next(it)
+        resumed = iter(ds)
+        resumed.set_state(state)
+        got = next(resumed)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_worker_processes_give_the_same_stream(source, index):
+    serial = _take(pipeline.pairs_train(source, index, _cfg(), seed=7), 3)
+    parallel = _take(pipeline.pairs_train(source, index, _cfg(num_workers=2), seed=7), 3)
+    for a, b in zip(serial, parallel):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_eval_batches_are_ordered_padded_and_sharded(source, index):
+    n = len(source)
+    batches = list(pipeline.eval_images(source, _cfg(), batch_size=8))
+    valid = np.concatenate([b["valid"] for b in batches])
+    ids = np.concatenate([b["image_index"] for b in batches])
+    assert valid.sum() == n and not valid[n:].any() and len(valid) % 8 == 0
+    np.testing.assert_array_equal(ids[:n], np.arange(n))
+    # Two hosts: union of their valid rows is every record exactly once.
+    shards = [list(pipeline.eval_images(source, _cfg(), batch_size=4, shard=pipeline.Shard(h, 2))) for h in range(2)]
+    assert len(shards[0]) == len(shards[1])
+    seen = np.concatenate([b["image_index"][b["valid"]] for s in shards for b in s])
+    assert sorted(seen) == list(range(n))
+    caps = list(pipeline.eval_captions(source, index, _cfg(), batch_size=8))
+    assert sum(b["valid"].sum() for b in caps) == index.num_captions.sum()
+    first = caps[0]
+    np.testing.assert_array_equal(first["text"][0], tokenizer.tokenize(source[0]["captions"][0].decode(), 16)[0])
+    assert first["pid"][0] == source[0]["pid"]
+
+
+# ------------------------------------------------------------------------------------------------- transforms
+def test_flip_and_crop_move_boxes_with_the_pixels():
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 20, 3), np.uint8)
+    image[4:12, 2:8] = 255  # a white block exactly covering box 0
+    boxes = np.array([[2 / 20, 4 / 40, 8 / 20, 12 / 40], [-1, -1, -1, -1], [0.1, 0.5, 0.9, 1.0]], np.float32)
+    for _ in range(20):
+        out, b = image, boxes
+        if rng.random() < 0.5:
+            out, b = transforms.hflip(out, b)
+        out, b = transforms.pad_crop(out, b, 4, rng)
+        x0, y0, x1, y1 = np.round(b[0] * [20, 40, 20, 40]).astype(int)
+        assert (out[y0:y1, x0:x1] == 255).all()  # the box still covers the block...
+        assert (out == 255).all(-1).sum() == (y1 - y0) * (x1 - x0)  # ...and only it
+        assert (b[1] == -1).all()  # absent stays absent
+
+
+def test_normalize_and_erasing():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 16, 3)).astype(np.uint8)
+    mean, std = (np.array(v) for v in transforms.MEANS_STDS["clip"])
+    np.testing.assert_allclose(transforms.normalize(image, "clip"), (image / 255.0 - mean) / std, atol=1e-6)
+    cfg = transforms.default_config()
+    x = transforms.normalize(image, "clip")
+    for _ in range(50):
+        out = transforms.random_erase(x, rng, (0.02, 0.4), (0.3, 3.3),
+                                      lambda shape, r: transforms.erase_value(cfg, shape, r))
+        erased = (out != x).any(-1)
+        frac = erased.mean()
+        assert 0.0 < frac <= 0.45  # one rectangle of 2-40% of the area (rounding aside)
+        np.testing.assert_allclose(out[erased], np.broadcast_to(mean, out[erased].shape), rtol=1e-6)
+        rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
+        assert erased[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1].all()  # a rectangle
