@@ -22,6 +22,7 @@ images are caught here, by decoding each one.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 from PIL import Image
 
 NUM_PARTS = 3  # head, upper body, legs
@@ -113,6 +115,12 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         super().__init__(**kwargs)
         self._skip_bad = skip_bad
         self._part_boxes_file = part_boxes
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS 4.9's own lookup imports `importlib_resources`, which it only installs for Python < 3.9.
+        return epath.Path(inspect.getfile(cls))
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features(),
