@@ -1,0 +1,57 @@
+"""Losses of the three methods as pure functions of arrays (easy to test against written-out formulas).
+
+Shapes: B batch, D feature, C classes, L tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SDM_EPS = 1e-8  # IRRA's epsilon inside log(q); kept as in the published code
+
+
+def _l2n(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def sdm(image_feats: jax.Array, text_feats: jax.Array, pids: jax.Array, logit_scale: float = 50.0) -> jax.Array:
+    """Similarity-distribution matching (IRRA; TDE+NAM's only pretraining loss).
+
+    image_feats [B, D], text_feats [B, D] (row i is a matched pair), pids [B]. S = norm(t) @ norm(v)^T; the
+    target q_ij = 1[pid_i == pid_j] / (row count); each direction is mean_i KL(softmax(scale S_i) || q_i),
+    computed as sum_j p_ij (log p_ij - log(q_ij + eps)). Returns the scalar L_i2t + L_t2i.
+    """
+    sims = _l2n(text_feats.astype(jnp.float32)) @ _l2n(image_feats.astype(jnp.float32)).T  # [B_t, B_i]
+    same = (pids[:, None] == pids[None, :]).astype(jnp.float32)
+    q = same / same.sum(axis=1, keepdims=True)
+    log_q = jnp.log(q + SDM_EPS)
+
+    def direction(logits):
+        log_p = jax.nn.log_softmax(logits, axis=1)
+        return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=1))
+
+    return direction(logit_scale * sims) + direction(logit_scale * sims.T)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax CE over rows; logits [B, C], labels int [B]; smoothing spreads eps uniformly over C classes
+    (CLIP-ReID's CrossEntropyLabelSmooth: (1 - eps) one-hot + eps / C)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+def id_loss(image_logits: jax.Array, text_logits: jax.Array, labels: jax.Array,
+            label_smoothing: float = 0.0) -> jax.Array:
+    """IRRA's identity loss: one linear classifier over image and text features, the two CEs averaged."""
+    return 0.5 * (cross_entropy(image_logits, labels, label_smoothing)
+                  + cross_entropy(text_logits, labels, label_smoothing))
+
+
+def mlm(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Masked-language-model CE: logits [B, L, V], labels int [B, L] with 0 where no token was masked
+    (IRRA ignores index 0); the mean over masked tokens."""
+    mask = labels > 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(mask.sum(), 1)

@@ -1,0 +1,62 @@
+"""Losses against their formulas written out in PyTorch (IRRA's compute_sdm, F.cross_entropy)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reid_jax import losses
+
+
+def _irra_sdm(image, text, pid, scale=50.0, eps=1e-8):
+    """IRRA's compute_sdm as published (objectives.py), in torch."""
+    pid = pid.reshape(-1, 1)
+    labels = (pid - pid.t() == 0).float()
+    image_norm = image / image.norm(dim=1, keepdim=True)
+    text_norm = text / text.norm(dim=1, keepdim=True)
+    t2i = scale * (text_norm @ image_norm.t())
+    i2t = t2i.t()
+    labels_distribute = labels / labels.sum(dim=1)
+    i2t_loss = F.softmax(i2t, dim=1) * (F.log_softmax(i2t, dim=1) - torch.log(labels_distribute + eps))
+    t2i_loss = F.softmax(t2i, dim=1) * (F.log_softmax(t2i, dim=1) - torch.log(labels_distribute + eps))
+    return torch.mean(torch.sum(i2t_loss, dim=1)) + torch.mean(torch.sum(t2i_loss, dim=1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sdm_matches_irra(seed):
+    rng = np.random.default_rng(seed)
+    image, text = rng.normal(size=(12, 32)).astype(np.float32), rng.normal(size=(12, 32)).astype(np.float32)
+    pid = rng.integers(0, 5, 12)  # several positives per row
+    ours = losses.sdm(jnp.asarray(image), jnp.asarray(text), jnp.asarray(pid))
+    ref = _irra_sdm(torch.from_numpy(image), torch.from_numpy(text), torch.from_numpy(pid))
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_sdm_is_small_for_aligned_features():
+    feats = np.eye(6, 16, dtype=np.float32)
+    aligned = losses.sdm(jnp.asarray(feats), jnp.asarray(feats), jnp.arange(6))
+    shuffled = losses.sdm(jnp.asarray(feats), jnp.asarray(feats[::-1].copy()), jnp.arange(6))
+    assert float(aligned) < 1e-6 < float(shuffled)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_and_id_loss(smoothing):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 8, 11)).astype(np.float32)
+    y = rng.integers(0, 11, 8)
+    ce = lambda x: F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), label_smoothing=smoothing)
+    assert float(losses.cross_entropy(jnp.asarray(a), jnp.asarray(y), smoothing)) == pytest.approx(float(ce(a)),
+                                                                                                   rel=1e-5)
+    ours = losses.id_loss(jnp.asarray(a), jnp.asarray(b), jnp.asarray(y), smoothing)
+    assert float(ours) == pytest.approx(float((ce(a) + ce(b)) / 2), rel=1e-5)
+
+
+def test_mlm_ignores_unmasked_positions():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 7, 20)).astype(np.float32)
+    labels = np.zeros((3, 7), np.int64)
+    labels[0, 2], labels[1, 5], labels[2, 1] = 4, 19, 7
+    ref = F.cross_entropy(torch.from_numpy(logits).reshape(-1, 20), torch.from_numpy(labels).reshape(-1),
+                          ignore_index=0)
+    assert float(losses.mlm(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(float(ref), rel=1e-5)
