@@ -1,0 +1,103 @@
+"""Noise-aware masking against the formulas of ALGORITHMS.md section 2, written out in numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reid_jax import tokenizer
+from reid_jax.models import clip as clip_lib
+from reid_jax.models import nam
+
+P = 0.15
+
+
+def _ids(rng, n=64, length=20):
+    ids = np.zeros((n, length), np.int32)
+    for i in range(n):
+        k = int(rng.integers(3, length - 1))
+        ids[i, 0], ids[i, k] = tokenizer.SOT_ID, tokenizer.EOT_ID
+        ids[i, 1:k] = rng.integers(1, tokenizer.MASK_ID, k - 1)
+    return ids
+
+
+def test_masking_probs_formula():
+    rng = np.random.default_rng(0)
+    ids = _ids(rng)
+    sim = rng.uniform(-0.2, 0.9, ids.shape).astype(np.float32)
+    sim[5] = np.nan  # a caption not seen in the previous epoch
+    probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sim), P, "nam"))
+    for i in range(len(ids)):
+        real = (ids[i] > 0) & (ids[i] < tokenizer.MASK_ID)
+        if i == 5:
+            expected = np.where(real, P, 0.0)
+        else:
+            r = 1 - sim[i]
+            expected = np.where(real, np.clip(r - r[real].mean() + P, 0, 1), 0.0)
+        np.testing.assert_allclose(probs[i], expected, atol=1e-6)
+    uniform = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sim), P, "uniform"))
+    np.testing.assert_allclose(uniform, np.where((ids > 0) & (ids < tokenizer.MASK_ID), P, 0.0))
+    assert not np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sim), P, "none")).any()
+    with pytest.raises(ValueError, match="nam.mode"):
+        nam.masking_probs(jnp.asarray(ids), jnp.asarray(sim), P, "random")
+
+
+def test_mask_tokens_statistics():
+    rng = np.random.default_rng(1)
+    base = _ids(rng, n=8, length=30)
+    base_real = (base > 0) & (base < tokenizer.MASK_ID)
+    base_probs = np.where(base_real, rng.uniform(0, 0.5, base.shape), 0.0).astype(np.float32)
+    ids, probs = np.tile(base, (500, 1)), np.tile(base_probs, (500, 1))  # 4000 rows, 500 draws of each
+    real = (ids > 0) & (ids < tokenizer.MASK_ID)
+    out, labels = (np.asarray(x) for x in nam.mask_tokens(jnp.asarray(ids), jnp.asarray(probs),
+                                                          jax.random.key(0)))
+    chosen = labels > 0
+    np.testing.assert_array_equal(labels[chosen], ids[chosen])
+    assert (out[~real] == ids[~real]).all() and not chosen[~real].any()  # SOT / EOT / pad untouched
+    assert chosen.any(axis=1).all()  # at least one token per caption
+    # Chosen with probability probs (up to the forced first word): compare per-position frequencies.
+    freq = chosen.reshape(500, 8, 30).mean(0)
+    np.testing.assert_allclose(freq[:, 2:], base_probs[:, 2:], atol=0.08)
+    kinds = out[chosen]
+    frac_mask = (kinds == tokenizer.MASK_ID).mean()
+    frac_keep = (kinds == ids[chosen]).mean()
+    assert abs(frac_mask - 0.8) < 0.03 and abs(frac_keep - 0.1) < 0.03
+    assert ((kinds >= 1) & (kinds <= tokenizer.MASK_ID)).all()
+
+
+def test_forced_first_word_when_none_chosen():
+    ids = _ids(np.random.default_rng(2), n=4)
+    out, labels = nam.mask_tokens(jnp.asarray(ids), jnp.zeros(ids.shape), jax.random.key(1))
+    labels = np.asarray(labels)
+    assert (labels[:, 1] == ids[:, 1]).all() and (labels[:, 2:] == 0).all()
+
+
+def test_dissimilar_tokens_are_masked_more():
+    ids = _ids(np.random.default_rng(3), n=1, length=12)
+    real = (ids[0] > 0) & (ids[0] < tokenizer.MASK_ID)
+    sim = np.where(np.arange(12) % 2 == 0, 0.6, 0.5)[None].astype(np.float32)  # even positions match better
+    probs = nam.masking_probs(jnp.asarray(ids), jnp.asarray(sim), P, "nam")
+    batch = jnp.tile(jnp.asarray(ids), (3000, 1))
+    _, labels = nam.mask_tokens(batch, jnp.tile(probs, (3000, 1)), jax.random.key(2))
+    freq = (np.asarray(labels) > 0).mean(0)
+    odd, even = real & (np.arange(12) % 2 == 1), real & (np.arange(12) % 2 == 0)
+    assert freq[odd].mean() > 1.5 * freq[even].mean()
+    assert np.asarray(probs)[0, real].mean() == pytest.approx(P, abs=1e-6)  # unclipped: the mean stays p
+
+
+def test_token_similarity_reads_the_right_layer_and_patches():
+    cfg = clip_lib.CLIPConfig.tiny().replace(vision={"num_extra_tokens": 2})
+    model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(4)
+    images = jnp.asarray(rng.normal(size=(2, 32, 16, 3)), jnp.float32)
+    ids = jnp.asarray(_ids(rng, n=2, length=16))
+    _, img_layers = model.visual(images, return_layers=True)
+    _, txt_layers = model.text(ids, return_layers=True)
+    sim = np.asarray(nam.token_similarity(img_layers, txt_layers, model, layer=1, num_prefix_tokens=3))
+    patches = np.asarray(model.visual.project(img_layers[0]))[:, 3:]
+    words = np.asarray(model.text.project(txt_layers[0]))
+    for b in range(2):
+        pn = patches[b] / np.linalg.norm(patches[b], axis=-1, keepdims=True)
+        wn = words[b] / np.linalg.norm(words[b], axis=-1, keepdims=True)
+        np.testing.assert_allclose(sim[b], (wn @ pn.T).max(-1), atol=1e-5)
