@@ -68,6 +68,37 @@ def bench_encode(args) -> None:
                 "run_s": round(steady, 4), "items_per_s": round(batch / steady, 1)}), flush=True)
 
 
+def bench_data(args) -> None:
+    """Training input pipeline throughput (decode + augment + tokenise), images/s, per worker count."""
+    import ml_collections
+
+    from reid_jax import data
+    from reid_jax.data import index as index_lib
+    from reid_jax.data import pipeline, transforms
+
+    if args.build:
+        from reid_jax.data import build
+
+        build.build(args.dataset, args.data_dir, config=args.config)
+    source = data.load_source(args.dataset, args.split, args.data_dir, args.config)
+    index = index_lib.split_index(args.dataset, args.split, args.data_dir, args.config)
+    aug = transforms.default_config()
+    aug.image_size = args.image_size
+    for workers in args.workers:
+        cfg = ml_collections.ConfigDict({"batch_size": args.batch, "caption_mode": "random", "context_length": 77,
+                                         "num_epochs": None, "num_workers": workers, "aug": aug})
+        it = iter(pipeline.pairs_train(source, index, cfg, seed=0))
+        next(it)  # start-up (worker processes, first reads) is not timed
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            next(it)
+        seconds = time.perf_counter() - t0
+        rate = args.batch * args.batches / seconds
+        print(json.dumps({"bench": "data", "dataset": args.dataset, "image_size": list(args.image_size),
+                          "batch": args.batch, "workers": workers, "images_per_s": round(rate, 1),
+                          "images_per_s_per_worker": round(rate / max(workers, 1), 1)}), flush=True)
+
+
 def _hw(text: str) -> tuple[int, int]:
     h, w = (int(x) for x in text.split(","))
     return h, w
@@ -85,6 +116,17 @@ def main(argv=None) -> None:
     enc.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     enc.add_argument("--repeats", type=int, default=5)
     enc.set_defaults(fn=bench_encode)
+    dat = sub.add_parser("data", help="training input pipeline images/s")
+    dat.add_argument("--dataset", default="synthetic_pedestrians")
+    dat.add_argument("--config", default="demo")
+    dat.add_argument("--split", default="train")
+    dat.add_argument("--data_dir", required=True)
+    dat.add_argument("--build", action="store_true", help="build the dataset first if needed")
+    dat.add_argument("--image-size", type=_hw, default=(384, 128))
+    dat.add_argument("--batch", type=int, default=64)
+    dat.add_argument("--batches", type=int, default=10)
+    dat.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    dat.set_defaults(fn=bench_data)
     args = parser.parse_args(argv)
     args.fn(args)
 
