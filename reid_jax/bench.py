@@ -88,7 +88,8 @@ def bench_data(args) -> None:
         cfg = ml_collections.ConfigDict({"batch_size": args.batch, "caption_mode": "random", "context_length": 77,
                                          "num_epochs": None, "num_workers": workers, "aug": aug})
         it = iter(pipeline.pairs_train(source, index, cfg, seed=0))
-        next(it)  # start-up (worker processes, first reads) is not timed
+        for _ in range(args.warmup):  # start-up (worker processes, read-ahead) is not timed
+            next(it)
         t0 = time.perf_counter()
         for _ in range(args.batches):
             next(it)
@@ -124,7 +125,8 @@ def main(argv=None) -> None:
     dat.add_argument("--build", action="store_true", help="build the dataset first if needed")
     dat.add_argument("--image-size", type=_hw, default=(384, 128))
     dat.add_argument("--batch", type=int, default=64)
-    dat.add_argument("--batches", type=int, default=10)
+    dat.add_argument("--batches", type=int, default=30)
+    dat.add_argument("--warmup", type=int, default=3)
     dat.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     dat.set_defaults(fn=bench_data)
     args = parser.parse_args(argv)
