@@ -14,20 +14,22 @@ from tests import torch_refs
 MAX_REL_ERR = 1e-4
 
 
-@pytest.fixture(scope="module")
-def b16(tmp_path_factory):
-    hf = torch_refs.hf_clip(torch_refs.B16_HF, seed=0)
-    folder = tmp_path_factory.mktemp("hf_b16")
+def _saved_hf(shape, seed, tmp_path_factory):
+    """A perturbed random-init HF CLIPModel and the folder it was saved to."""
+    hf = torch_refs.hf_clip(shape, seed=seed)
+    folder = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(folder)
     return hf, folder
+
+
+@pytest.fixture(scope="module")
+def b16(tmp_path_factory):
+    return _saved_hf(torch_refs.B16_HF, 0, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    hf = torch_refs.hf_clip(torch_refs.TINY_HF, seed=3)
-    folder = tmp_path_factory.mktemp("hf_tiny")
-    hf.save_pretrained(folder)
-    return hf, folder
+    return _saved_hf(torch_refs.TINY_HF, 3, tmp_path_factory)
 
 
 @pytest.mark.parametrize("size", [(224, 224), (384, 128)])
