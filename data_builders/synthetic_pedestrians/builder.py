@@ -40,7 +40,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     queries_per_identity: int = 2
     captions_per_image: int = 2  # from distinct templates
     held_out_templates: int = 5  # the last templates, used only for test images
-    caption_noise: float = 0.0  # probability that a caption's attribute word is replaced by a wrong one
+    caption_noise: float = 0.0  # probability that a training caption's attribute word is replaced by a wrong one
     # views
     facing_bias: float = 0.6  # probability of a camera's preferred facing (front / back / side)
     height_range: tuple[float, float] = (0.8, 0.92)  # person height / image height
@@ -54,12 +54,14 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 
 SMALL = dict(num_identities=48, images_per_identity=6, num_cameras=4)
+DEMO = dict(num_identities=600, images_per_identity=8, num_cameras=6, cameras_per_identity=(2, 5))
 CONFIGS = (
     SyntheticConfig(name="small", description="48 identities x 6 images, 4 cameras: for tests", **SMALL),
     SyntheticConfig(name="small_noisy", description="small with 30% of caption attribute words wrong",
                     caption_noise=0.3, **SMALL),
-    SyntheticConfig(name="demo", description="600 identities x 8 images, 6 cameras: for the demo",
-                    num_identities=600, images_per_identity=8, num_cameras=6, cameras_per_identity=(2, 5)),
+    SyntheticConfig(name="demo", description="600 identities x 8 images, 6 cameras: for the demo", **DEMO),
+    SyntheticConfig(name="demo_noisy", description="demo with 30% of training caption attribute words wrong "
+                    "(the NAM ablation)", caption_noise=0.3, **DEMO),
 )
 
 
@@ -90,7 +92,8 @@ def shots(config, who: attributes.Identity) -> list[Shot]:
         view = render.sample_view(_rng(config, 3, who.pid, i), camid, config.domains.index(who.domain), config)
         ids = _rng(config, 4, who.pid, i).choice(pool, config.captions_per_image, replace=False)
         crng = _rng(config, 5, who.pid, i)
-        caps = tuple(attributes.caption(who, int(t), crng, config.caption_noise).text for t in ids)
+        noise = config.caption_noise if who.split == "train" else 0.0  # evaluation captions stay clean
+        caps = tuple(attributes.caption(who, int(t), crng, noise).text for t in ids)
         out.append(Shot(who, view, f"{who.domain}/{who.pid:04d}_c{camid}_{i:02d}.png", caps,
                         tuple(attributes.template_name(int(t)) for t in ids)))
     return out
