@@ -14,11 +14,13 @@ from data_builders import BUILDERS
 from data_builders.common import BadItem, ManualDirError
 from reid_jax import data
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "folder holding the raw download")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "where the TFDS dataset is written", required=True)
-_CONFIG = flags.DEFINE_string("config", None, "builder config (e.g. small/demo for synthetic_pedestrians)")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "skip corrupt images and malformed entries, counting them")
-_PART_BOXES = flags.DEFINE_string("part_boxes", None, "parts.jsonl from `reid_jax.captioning ground`")
+def _define_flags() -> None:
+    """CLI flags, defined only when run as a program so that importing `build` defines none."""
+    flags.DEFINE_string("manual_dir", None, "folder holding the raw download")
+    flags.DEFINE_string("data_dir", None, "where the TFDS dataset is written", required=True)
+    flags.DEFINE_string("config", None, "builder config (e.g. small/demo for synthetic_pedestrians)")
+    flags.DEFINE_bool("skip_bad", False, "skip corrupt images and malformed entries, counting them")
+    flags.DEFINE_string("part_boxes", None, "parts.jsonl from `reid_jax.captioning ground`")
 
 
 def build(name: str, data_dir, manual_dir=None, config=None, skip_bad=False, part_boxes=None):
@@ -35,7 +37,8 @@ def main(argv):
               f"{', '.join(sorted(BUILDERS))}", file=sys.stderr)
         return 2
     try:
-        b = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _CONFIG.value, _SKIP_BAD.value, _PART_BOXES.value)
+        f = flags.FLAGS
+        b = build(argv[1], f.data_dir, f.manual_dir, f.config, f.skip_bad, f.part_boxes)
     except (BadItem, ManualDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -45,4 +48,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

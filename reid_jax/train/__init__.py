@@ -1,0 +1,1 @@
+"""Training machinery shared by the three methods: mesh and sharding, optimizer, checkpoints, metrics, loop."""

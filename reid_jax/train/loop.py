@@ -1,0 +1,163 @@
+"""The training loop every method shares: state on the mesh, one jitted step with the state donated, resume,
+logging, periodic evaluation with best-checkpoint keeping, and a stop on a non-finite loss.
+
+A method supplies a *task* object:
+  task.steps_per_epoch, task.total_steps          ints
+  task.init_state() -> TrainState                 the model, optimizer and any per-example buffers
+  task.train_stream(shard) -> grain.IterDataset   host batches
+  task.train_step(ts, batch, rng) -> metrics      mutates `ts` (runs inside jit)
+  task.evaluate(model, step, workdir) -> dict     {'eval/<dataset>/<metric>': value}
+  task.learning_rate(step) -> float
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from reid_jax.data.pipeline import Shard
+from reid_jax.train import mesh as mesh_lib
+from reid_jax.train.checkpoint import Checkpointer
+from reid_jax.train.writer import MetricWriter
+
+
+class Buffer(nnx.Variable):
+    """Training state that is not a parameter (e.g. NAM's per-example similarity table)."""
+
+
+class TrainState(nnx.Module):
+    """Everything a training step changes: model, optimizer (with its step count) and buffers."""
+
+    def __init__(self, model: nnx.Module, tx, buffers: dict | None = None):
+        self.model = model
+        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        for name, value in (buffers or {}).items():
+            setattr(self, name, Buffer(value))
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def abstract_state(state, shardings):
+    """ShapeDtypeStructs of `state` carrying `shardings` (an orbax restore target)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(float(v)) for v in metrics.values())
+
+
+def _best_metric(config, results: dict) -> dict[str, float]:
+    """{dataset: value of config.eval.keep_best} from 'eval/<dataset>/<metric>' results."""
+    key = config.eval.keep_best
+    return {k.split("/")[1]: v for k, v in results.items() if k.endswith("/" + key)}
+
+
+def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
+    """Trains `task` to config.train.epochs (resuming from workdir's latest checkpoint); returns the model."""
+    workdir = Path(workdir)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    graphdef, state = nnx.split(task.init_state())
+    shardings = mesh_lib.state_shardings(state, mesh, config.mesh.fsdp_min_size)
+    state = jax.device_put(state, shardings)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    best_ckpt = {}
+    iterator = iter(task.train_stream(Shard.from_jax()))
+    start, meta = 0, {"best": {}}
+    if (latest := ckpt.latest_step()) is not None:
+        state, data_state, meta = ckpt.restore(latest, abstract_state(state, shardings))
+        iterator.set_state(data_state)
+        start = latest
+        print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
+    writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
+
+    @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
+    def train_step(state, batch, step):
+        ts = nnx.merge(graphdef, state)
+        metrics = task.train_step(ts, batch, jax.random.fold_in(jax.random.key(config.seed), step))
+        return nnx.state(ts), metrics
+
+    saved = {latest}
+
+    def save(step, state):
+        if step not in saved:
+            ckpt.save(step, state, iterator.get_state(), meta)
+            saved.add(step)
+
+    def evaluate(step, state):
+        results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir)
+        writer.write(step, results)
+        for name, value in _best_metric(config, results).items():
+            if value > meta["best"].get(name, -1.0):
+                meta["best"][name] = value
+                best_ckpt.setdefault(name, Checkpointer(workdir / "best" / name, keep=1))
+                best_ckpt[name].save(step, nnx.state(nnx.merge(graphdef, state).model), None,
+                                     {"step": step, config.eval.keep_best: value})
+        return results
+
+    total, spe = task.total_steps, task.steps_per_epoch
+    bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    t_log, last = time.perf_counter(), start
+    step = start
+    try:
+        for step in range(start, total):
+            batch = mesh_lib.global_batch(next(iterator), mesh)
+            state, metrics = train_step(state, batch, step)
+            done = step + 1
+            bar.update(1)
+            if done % config.train.log_every == 0 or done == total:
+                metrics = jax.device_get(metrics)
+                if not _finite(metrics):
+                    raise TrainingDiverged(f"non-finite training metrics at step {done}: {metrics}; the last good "
+                                           f"checkpoint in {workdir / 'checkpoints'} is kept")
+                now = time.perf_counter()
+                rate = (done - last) * config.data.batch_size / (now - t_log)
+                t_log, last = now, done
+                writer.write(done, {"train/" + k: v for k, v in metrics.items()} | {
+                    "train/learning_rate": task.learning_rate(step), "train/pairs_per_s": rate,
+                    "epoch": done / spe})
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if done % config.train.checkpoint_every_steps == 0:
+                save(done, state)
+            if config.eval.every_epochs and done % (spe * config.eval.every_epochs) == 0 or done == total:
+                bar.write(str({k: round(v, 2) for k, v in evaluate(done, state).items()}))
+        if start == total:
+            logging.info("already trained to step %d", total)
+        save(total, state)
+    finally:
+        bar.close()
+        ckpt.wait()
+        for c in best_ckpt.values():
+            c.wait()
+        writer.close()
+    return nnx.merge(graphdef, state).model
+
+
+def evaluate_only(config, workdir: Path, task) -> dict:
+    """Evaluates the task's initial model (e.g. a converted CLIP checkpoint: the zero-shot baseline)."""
+    writer = MetricWriter(Path(workdir))
+    try:
+        results = task.evaluate(task.init_state().model, 0, Path(workdir))
+        writer.write(0, results)
+    finally:
+        writer.close()
+    return results
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """A global array -> the full numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

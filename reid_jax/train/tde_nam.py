@@ -1,0 +1,154 @@
+"""TDE + NAM (Tan et al., CVPR 2024): CLIP trained with SDM on MLLM-captioned pedestrians, noise-aware masking.
+
+One training step (ALGORITHMS.md sections 2-3):
+  1. read last epoch's token-image similarities of these examples from the per-example table (NaN = unseen);
+  2. mask the captions with NAM's probabilities (or uniformly, or not at all: `config.nam.mode`);
+  3. encode images and masked captions; SDM between image CLS and masked-caption EOT features;
+  4. without gradient, the unmasked captions' token similarities to the image patches at layer
+     `config.nam.layer` are written to the table for the next epoch.
+Evaluation: text-to-image retrieval on every `config.eval.datasets` test set (R@1/5/10, mAP, mINP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from reid_jax import data, evaluate, losses
+from reid_jax.data import index as index_lib
+from reid_jax.data import pipeline
+from reid_jax.models import clip as clip_lib
+from reid_jax.models import nam
+from reid_jax.train import loop, mesh as mesh_lib, optimizer, visualize
+
+
+def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = True):
+    """(source, index) of a dataset split named by {name, split, config}; builds built-in sets on demand."""
+    args = (spec.name, spec.split, data_dir, spec.get("config"))
+    try:
+        source = data.load_source(*args, decode_image=decode_image)
+    except FileNotFoundError:
+        if not (auto_build and spec.name == "synthetic_pedestrians"):
+            raise
+        from reid_jax.data import build
+
+        build.build(spec.name, data_dir, config=spec.get("config"))
+        source = data.load_source(*args, decode_image=decode_image)
+    return source, index_lib.split_index(*args)
+
+
+def build_model(config: ml_collections.ConfigDict) -> clip_lib.CLIP:
+    """A converted / PyTorch CLIP checkpoint when config.init_checkpoint is set, else a fresh model."""
+    m = config.model
+    overrides = {"dtype": m.dtype, "remat": m.remat, **m.get("overrides", {}).to_dict()}
+    if config.init_checkpoint:
+        path = Path(config.init_checkpoint).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"config.init_checkpoint={path} does not exist; convert a PyTorch CLIP checkpoint with "
+                f"`python -m reid_jax.convert ViT-B-16.pt {path} --image-size={m.image_size[0]},{m.image_size[1]}`")
+        return clip_lib.load_pretrained(path, image_size=tuple(m.image_size), stride=m.stride,
+                                        posemb_interpolation=m.posemb_interpolation, **overrides)
+    preset = getattr(clip_lib.CLIPConfig, m.preset)(image_size=tuple(m.image_size), stride=m.stride)
+    return clip_lib.CLIP(preset.replace(**overrides), rngs=nnx.Rngs(config.seed))
+
+
+class Task:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config = config
+        self.data_dir = Path(config.data.data_dir or Path(workdir) / "data").expanduser()
+        if config.nam.mode == "nam" and config.data.caption_mode != "all":
+            raise ValueError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
+                             "config.data.caption_mode='all'")
+        self.source, self.index = dataset_source(config.data.train, self.data_dir, config.data.auto_build)
+        self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
+                                                          config.data.caption_mode)[0])
+        self.steps_per_epoch = max(1, self.num_examples // config.data.batch_size)
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
+
+    # ------------------------------------------------------------------------------------------- training
+    def init_state(self) -> loop.TrainState:
+        model = build_model(self.config)
+        buffers = {}
+        if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
+            rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
+            buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), jnp.nan, jnp.float16)
+        return loop.TrainState(model, self.tx, buffers)
+
+    def train_stream(self, shard):
+        return pipeline.pairs_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard)
+
+    def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
+        cfg = self.config
+        ids, index = batch["text"], batch["index"]
+        prev = ts.nam_sims[...][index] if cfg.nam.mode == "nam" else jnp.zeros(ids.shape)
+        probs = nam.masking_probs(ids, prev, cfg.nam.p, cfg.nam.mode)
+        masked, labels = nam.mask_tokens(ids, probs, rng, mask_prob=cfg.nam.mask_prob,
+                                         random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
+        want_sims = cfg.nam.mode == "nam"
+        prefix = 1 + ts.model.config.vision.num_extra_tokens
+
+        def loss_fn(model):
+            img_tokens, img_layers = model.visual(batch["image"], return_layers=want_sims)
+            img_feat = model.visual.project(img_tokens[:, 0])
+            loss = losses.sdm(img_feat, model.text_features(masked), batch["pid"], cfg.loss.logit_scale)
+            sims = None
+            if want_sims:
+                _, txt_layers = model.text(ids, return_layers=True)
+                sims = nam.token_similarity(img_layers, txt_layers, model, cfg.nam.layer, prefix)
+            return loss, sims
+
+        (loss, sims), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
+        ts.optimizer.update(ts.model, grads)
+        if want_sims:
+            ts.nam_sims[...] = ts.nam_sims[...].at[index].set(sims.astype(jnp.float16))
+        real = nam.real_tokens(ids)
+        return {"loss": loss, "mask_rate": jnp.sum(labels > 0) / jnp.maximum(real.sum(), 1)}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, model: clip_lib.CLIP, step: int, workdir: Path) -> dict:
+        results = {}
+        mesh = mesh_lib.make_mesh(self.config.mesh)
+        for spec in self.config.eval.datasets:
+            name = spec.get("label", spec.name)
+            source, index = dataset_source(spec, self.data_dir, self.config.data.auto_build)
+            captions = data.load_source(spec.name, spec.split, self.data_dir, spec.get("config"), decode_image=False)
+            img, txt = self._features(model, source, captions, index, mesh)
+            metrics = evaluate.text_to_image(txt["feats"], txt["pid"], img["feats"], img["pid"])
+            results.update({f"eval/{name}/{k}": v for k, v in metrics.items() if k != "num_queries"})
+            if jax.process_index() == 0 and self.config.eval.png_queries:
+                visualize.retrieval_png(Path(workdir) / f"retrieval_{name}_{step}.png", source, captions, index,
+                                        txt, img, self.config.eval.png_queries)
+        return results
+
+    def _features(self, model, source, captions, index, mesh) -> tuple[dict, dict]:
+        """Every test image and caption encoded on the mesh: {'feats' [N, D], 'pid' [N], ...} each."""
+        cfg = self.config
+        shard = pipeline.Shard.from_jax()
+        graphdef, state = nnx.split(model)
+        encode_img = jax.jit(lambda s, x: nnx.merge(graphdef, s).image_features(x))
+        encode_txt = jax.jit(lambda s, x: nnx.merge(graphdef, s).text_features(x))
+        bs = cfg.eval.batch_size // shard.count
+        img = _encode_stream(pipeline.eval_images(source, cfg.data, batch_size=bs, shard=shard),
+                             "image", lambda x: encode_img(state, x), mesh)
+        txt = _encode_stream(pipeline.eval_captions(captions, index, cfg.data, batch_size=bs, shard=shard),
+                             "text", lambda x: encode_txt(state, x), mesh)
+        return img, txt
+
+
+def _encode_stream(stream, key: str, encode, mesh) -> dict:
+    """Runs `encode` over batch[key] on the mesh; the valid rows of features and of every other field."""
+    out = {}
+    for batch in stream:
+        arrays = mesh_lib.global_batch(batch, mesh)
+        valid = loop.gather(arrays.pop("valid"))
+        rows = {"feats": loop.gather(encode(arrays.pop(key)))} | {k: loop.gather(v) for k, v in arrays.items()}
+        for k, v in rows.items():
+            out.setdefault(k, []).append(v[valid])
+    return {k: np.concatenate(v) for k, v in out.items()}
