@@ -85,10 +85,10 @@ def demo(mode: str = "nam", noisy: bool = False) -> ml_collections.ConfigDict:
     c.eval.datasets = [_dataset("synthetic_pedestrians", "test", dataset, label="synthetic")]
     c.model.update({"preset": "tiny", "image_size": (128, 64), "stride": 16, "dtype": "float32"})
     c.model.overrides = {
-        "vision": {"width": 192, "layers": 4, "heads": 3, "mlp_dim": 768, "patch_size": 16},
-        "text": {"width": 192, "layers": 4, "heads": 3, "mlp_dim": 768, "context_length": 64},
-        "embed_dim": 192}
-    c.data.update({"batch_size": 64, "context_length": 64, "num_workers": 0})
+        "vision": {"width": 128, "layers": 4, "heads": 4, "mlp_dim": 512, "patch_size": 16},
+        "text": {"width": 128, "layers": 3, "heads": 4, "mlp_dim": 512, "context_length": 48},
+        "embed_dim": 128}
+    c.data.update({"batch_size": 64, "context_length": 48, "num_workers": 0})
     c.data.aug.update({"pad": 4})
     c.nam.update({"mode": mode, "layer": 3})
     c.optim.update({"lr": 3e-4, "eps": 1e-8, "weight_decay": 1e-4, "warmup_epochs": 1})

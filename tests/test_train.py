@@ -1,0 +1,180 @@
+"""The shared training loop on the TDE+NAM task: sharded step == single-device step, resume == uninterrupted,
+metrics files, the main command's errors. Small synthetic set, tiny model."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from reid_jax.train import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **train):
+    spec = importlib.util.spec_from_file_location("tde_nam_config", ROOT / "configs" / "tde_nam.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("demo")
+    c.data.data_dir = str(data_dir)
+    c.data.train.config = "small"
+    c.eval.datasets[0].config = "small"
+    c.model.update({"image_size": (64, 32), "stride": 16})
+    c.model.overrides = {"vision": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "patch_size": 16},
+                         "text": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "context_length": 48},
+                         "embed_dim": 24}
+    c.nam.layer = 1
+    c.data.batch_size = 16
+    c.data.aug.pad = 2
+    c.train.update({"epochs": 2, "log_every": 1, "checkpoint_every_steps": 4, **train})
+    c.eval.update({"every_epochs": 0, "batch_size": 32, "png_queries": 2})
+    c.optim.eps = 1e-3  # the paper's Adam eps; with 1e-8 near-zero gradients turn reduction-order noise into +-lr steps
+    c.mesh.fsdp_min_size = 256
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from reid_jax.data import build
+
+    d = tmp_path_factory.mktemp("tfds")
+    build.build("synthetic_pedestrians", d, config="small")
+    return d
+
+
+def _params(model) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_same_parameters(data_dir, tmp_path):
+    from reid_jax.train import tde_nam
+
+    config = tiny_config(data_dir)
+    whole = loop.fit(config, tmp_path / "whole", tde_nam.Task(config, tmp_path / "whole"))
+
+    task = tde_nam.Task(config, tmp_path / "resumed")
+    stream = task.train_stream
+
+    def crashing_stream(shard):  # the process dies while reading the 7th batch (after the step-4 checkpoint)
+        it = iter(stream(shard))
+
+        class Crashing:
+            def __init__(self):
+                self.n = 0
+
+            def __next__(self):
+                self.n += 1
+                if self.n == 7:
+                    raise Interrupt
+                return next(it)
+
+            def get_state(self):
+                return it.get_state()
+
+            def set_state(self, s):
+                it.set_state(s)
+
+        return type("S", (), {"__iter__": lambda self: Crashing()})()
+
+    task.train_stream = crashing_stream
+    with pytest.raises(Interrupt):
+        loop.fit(config, tmp_path / "resumed", task)
+    assert (tmp_path / "resumed" / "checkpoints" / "4").exists()
+    resumed = loop.fit(config, tmp_path / "resumed", tde_nam.Task(config, tmp_path / "resumed"))
+    for a, b in zip(_params(whole), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == task.total_steps  # one record per step, no repeats
+    evals = [r for r in records if "eval/synthetic/R1" in r]
+    assert evals and {"eval/synthetic/R5", "eval/synthetic/mAP", "eval/synthetic/mINP"} <= set(evals[-1])
+    assert (tmp_path / "resumed" / f"retrieval_synthetic_{task.total_steps}.png").exists()
+    assert (tmp_path / "resumed" / "best" / "synthetic").exists()
+    assert list((tmp_path / "resumed" / "tensorboard").iterdir())
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import sys, jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+    from flax import nnx
+    from pathlib import Path
+    sys.path.insert(0, {root!r})
+    from tests.test_train import tiny_config
+    from reid_jax.train import tde_nam, mesh as mesh_lib
+    from reid_jax.data.pipeline import Shard
+
+    config = tiny_config({data_dir!r})
+    config.mesh.fsdp = 2
+    task = tde_nam.Task(config, Path({workdir!r}))
+    it = iter(task.train_stream(Shard()))
+    batches = [next(it) for _ in range(3)]
+    graphdef, state0 = nnx.split(task.init_state())
+
+    def step(state, batch, i):
+        ts = nnx.merge(graphdef, state)
+        metrics = task.train_step(ts, batch, jax.random.fold_in(jax.random.key(0), i))
+        return nnx.state(ts), metrics
+
+    # one device
+    cpu0 = jax.devices()[0]
+    single = jax.jit(step)
+    state = jax.device_put(state0, cpu0)
+    losses_1 = []
+    for i, b in enumerate(batches):
+        state, m = single(state, jax.device_put(b, cpu0), i)
+        losses_1.append(float(m["loss"]))
+    params_1 = [np.asarray(x) for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).model, nnx.Param))]
+
+    # 8 devices, mesh data=4 x fsdp=2, large parameters sharded over fsdp
+    mesh = mesh_lib.make_mesh(config.mesh)
+    assert dict(mesh.shape) == {{"data": 4, "fsdp": 2}}
+    shardings = mesh_lib.state_shardings(state0, mesh, config.mesh.fsdp_min_size)
+    sharded = jax.jit(step, out_shardings=(shardings, None), donate_argnums=0)
+    state = jax.device_put(state0, shardings)
+    n_split = sum(1 for s in jax.tree.leaves(shardings) if "fsdp" in str(s.spec))
+    assert n_split > 0
+    losses_8 = []
+    for i, b in enumerate(batches):
+        state, m = sharded(state, mesh_lib.global_batch(b, mesh), i)
+        losses_8.append(float(m["loss"]))
+    params_8 = [np.asarray(x) for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).model, nnx.Param))]
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(params_1, params_8))
+    assert worst < 1e-5, worst
+    print("OK", n_split, losses_1, worst)
+""")
+
+
+def test_sharded_step_equals_single_device_step(data_dir, tmp_path):
+    script = SHARDED_SCRIPT.format(root=str(ROOT), data_dir=str(data_dir), workdir=str(tmp_path))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.startswith("OK")
+
+
+def test_main_names_what_is_missing(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "reid_jax.main", f"--config={ROOT / 'configs' / 'tde_nam.py'}",
+           f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 1
+    assert "luperson_mllm" in run.stderr and "python -m reid_jax.data.build luperson_mllm" in run.stderr
+    run = subprocess.run(cmd + ["--config.data.train.name=synthetic_pedestrians",
+                                     "--config.data.train.config=small", "--config.data.auto_build=True",
+                                     "--config.init_checkpoint=/nonexistent/clip_b16"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 1 and "python -m reid_jax.convert" in run.stderr, run.stderr[-2000:]
