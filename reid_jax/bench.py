@@ -100,6 +100,120 @@ def bench_data(args) -> None:
                           "images_per_s_per_worker": round(rate / max(workers, 1), 1)}), flush=True)
 
 
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks, for MFU
+
+
+def _peak_flops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+
+def bench_train_step(args) -> None:
+    """One TDE training step (SDM on image CLS vs caption EOT, AdamW), ViT-B/16; compilation not timed."""
+    import jax.numpy as jnp
+    import optax
+
+    from reid_jax import losses
+    from reid_jax.train.loop import TrainState
+
+    preset = {"vit-b-16": clip_lib.CLIPConfig.vit_b16, "tiny": clip_lib.CLIPConfig.tiny}[args.model]
+    cfg = preset(image_size=args.image_size, stride=args.stride, dtype=args.dtype, remat=args.remat)
+    graphdef, state = nnx.split(TrainState(clip_lib.CLIP(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-5)))
+    rng = np.random.default_rng(0)
+    length = cfg.text.context_length
+    ids = np.zeros((args.batch, length), np.int32)
+    words = min(20, length - 2)  # a typical caption: SOT, 20 words, EOT, padding
+    ids[:, 0], ids[:, 1: words + 1], ids[:, words + 1] = 49406, rng.integers(1, 49405, (args.batch, words)), 49407
+    batch = {"image": jnp.asarray(rng.normal(size=(args.batch, *args.image_size, 3)), jnp.float32),
+             "text": jnp.asarray(ids), "pid": jnp.arange(args.batch)}
+
+    def step(state, batch):
+        ts = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            return losses.sdm(model.image_features(batch["image"]), model.text_features(batch["text"]),
+                              batch["pid"])
+
+        loss, grads = nnx.value_and_grad(loss_fn)(ts.model)
+        ts.optimizer.update(ts.model, grads)
+        return nnx.state(ts), loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = (compiled.cost_analysis() or {}).get("flops")
+    state, loss = compiled(state, batch)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, loss = compiled(state, batch)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    peak = _peak_flops(args)
+    print(json.dumps({"bench": "train_step", "model": args.model, "batch": args.batch,
+                      "image_size": list(args.image_size), "dtype": args.dtype, "remat": args.remat,
+                      "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 2),
+                      "step_ms": round(step_s * 1e3, 1), "pairs_per_s": round(args.batch / step_s, 2),
+                      "tflops_per_s": round(flops / step_s / 1e12, 3) if flops else None,
+                      "mfu": round(flops / step_s / peak, 4) if flops and peak else None}), flush=True)
+
+
+def bench_train_step_torch(args) -> None:
+    """The same step in PyTorch with OpenAI's CLIP model code (clip-anytorch's clip/model.py, installed with
+    `pip install --no-deps clip-anytorch`), SDM written in torch, AdamW: the reference for `train_step`."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None:
+        raise SystemExit("needs `pip install --no-deps clip-anytorch==2.6.0` (OpenAI's model code)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model.py"
+    mspec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    openai = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(openai)
+    model = openai.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12).float()
+    gh, gw = ((s - 16) // args.stride + 1 for s in args.image_size)
+    with torch.no_grad():  # the ReID grid, as the papers' code resizes it
+        pos = model.visual.positional_embedding
+        grid = F.interpolate(pos[1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2), size=(gh, gw), mode="bilinear")
+        model.visual.positional_embedding = torch.nn.Parameter(
+            torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)]))
+    model.visual.conv1.stride = (args.stride, args.stride)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    images = torch.randn(args.batch, 3, *args.image_size)
+    ids = torch.zeros(args.batch, 77, dtype=torch.long)
+    ids[:, 0], ids[:, 1:21], ids[:, 21] = 49406, torch.randint(1, 49405, (args.batch, 20)), 49407
+    pid = torch.arange(args.batch)
+
+    def sdm(img, txt, scale=50.0):
+        labels = (pid[:, None] == pid[None]).float()
+        q = labels / labels.sum(1, keepdim=True)
+        t2i = scale * F.normalize(txt, dim=1) @ F.normalize(img, dim=1).t()
+        kl = lambda z: (F.softmax(z, 1) * (F.log_softmax(z, 1) - torch.log(q + 1e-8))).sum(1).mean()
+        return kl(t2i) + kl(t2i.t())
+
+    times = []
+    for i in range(args.steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = sdm(model.encode_image(images), model.encode_text(ids))
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms the allocator up
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    print(json.dumps({"bench": "train_step_torch", "batch": args.batch, "image_size": list(args.image_size),
+                      "threads": torch.get_num_threads(), "step_ms": round(step_s * 1e3, 1),
+                      "pairs_per_s": round(args.batch / step_s, 2)}), flush=True)
+
+
 def _hw(text: str) -> tuple[int, int]:
     h, w = (int(x) for x in text.split(","))
     return h, w
@@ -117,6 +231,17 @@ def main(argv=None) -> None:
     enc.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     enc.add_argument("--repeats", type=int, default=5)
     enc.set_defaults(fn=bench_encode)
+    trs = sub.add_parser("train_step", help="TDE training step time, pairs/s, MFU")
+    trs.add_argument("--model", choices=("vit-b-16", "tiny"), default="vit-b-16")
+    trs.add_argument("--batch", type=int, default=8)
+    trs.add_argument("--image-size", type=_hw, default=(384, 128))
+    trs.add_argument("--stride", type=int, default=16)
+    trs.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    trs.add_argument("--remat", action="store_true")
+    trs.add_argument("--steps", type=int, default=3)
+    trs.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs built in)")
+    trs.add_argument("--torch", action="store_true", help="time the PyTorch reference step instead (ViT-B/16)")
+    trs.set_defaults(fn=lambda a: bench_train_step_torch(a) if a.torch else bench_train_step(a))
     dat = sub.add_parser("data", help="training input pipeline images/s")
     dat.add_argument("--dataset", default="synthetic_pedestrians")
     dat.add_argument("--config", default="demo")
