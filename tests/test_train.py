@@ -178,3 +178,20 @@ def test_main_names_what_is_missing(tmp_path):
                                      "--config.init_checkpoint=/nonexistent/clip_b16"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 1 and "python -m reid_jax.convert" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    from reid_jax.train import tde_nam
+
+    config = tiny_config(data_dir)
+    task = tde_nam.Task(config, tmp_path)
+    good_step = task.train_step
+
+    def diverging(ts, batch, rng):  # finite for the first 4 steps (checkpointed), then NaN
+        metrics = good_step(ts, batch, rng)
+        return metrics | {"loss": jax.numpy.where(ts.optimizer.step[...] > 4, jax.numpy.nan, metrics["loss"])}
+
+    task.train_step = diverging
+    with pytest.raises(loop.TrainingDiverged, match="non-finite training metrics at step 5"):
+        loop.fit(config, tmp_path, task)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]

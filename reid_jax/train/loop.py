@@ -108,16 +108,16 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     total, spe = task.total_steps, task.steps_per_epoch
     bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     t_log, last = time.perf_counter(), start
-    step = start
     try:
         for step in range(start, total):
             batch = mesh_lib.global_batch(next(iterator), mesh)
             state, metrics = train_step(state, batch, step)
             done = step + 1
             bar.update(1)
-            if done % config.train.log_every == 0 or done == total:
+            checkpoint_now = done % config.train.checkpoint_every_steps == 0
+            if done % config.train.log_every == 0 or done == total or checkpoint_now:
                 metrics = jax.device_get(metrics)
-                if not _finite(metrics):
+                if not _finite(metrics):  # checked before any save, so no checkpoint holds a diverged state
                     raise TrainingDiverged(f"non-finite training metrics at step {done}: {metrics}; the last good "
                                            f"checkpoint in {workdir / 'checkpoints'} is kept")
                 now = time.perf_counter()
@@ -127,7 +127,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
                     "train/learning_rate": task.learning_rate(step), "train/pairs_per_s": rate,
                     "epoch": done / spe})
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-            if done % config.train.checkpoint_every_steps == 0:
+            if checkpoint_now:
                 save(done, state)
             if config.eval.every_epochs and done % (spe * config.eval.every_epochs) == 0 or done == total:
                 bar.write(str({k: round(v, 2) for k, v in evaluate(done, state).items()}))
