@@ -112,7 +112,7 @@ class CLIPConfig:
         for name, tower in (("vision", self.vision), ("text", self.text)):
             if tower.width % tower.heads:
                 raise ValueError(f"{name}.width {tower.width} is not divisible by {name}.heads {tower.heads}")
-        self.vision.grid  # raises on an image smaller than a patch
+        posemb_lib.grid_size(self.vision.image_size, self.vision.patch_size, self.vision.stride)  # image >= patch
 
 
 # ----------------------------------------------------------------------------------------------------- blocks
