@@ -17,7 +17,8 @@ from reid_jax.data import transforms
 TEST_SETS = {"cuhk": "cuhk_pedes", "icfg": "icfg_pedes", "rstp": "rstp_reid"}
 
 
-def _dataset(name, split, config=None, label=None):
+def _dataset(name, split, config="", label=""):
+    """A TFDS split; `config` is the builder config ("" = the builder's default), `label` names it in metrics."""
     return ml_collections.ConfigDict({"name": name, "split": split, "config": config, "label": label or name})
 
 

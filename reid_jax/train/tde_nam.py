@@ -29,7 +29,7 @@ from reid_jax.train import loop, mesh as mesh_lib, optimizer, visualize
 
 def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = True):
     """(source, index) of a dataset split named by {name, split, config}; builds built-in sets on demand."""
-    args = (spec.name, spec.split, data_dir, spec.get("config"))
+    args = (spec.name, spec.split, data_dir, spec.get("config") or None)
     try:
         source = data.load_source(*args, decode_image=decode_image)
     except FileNotFoundError:
@@ -37,7 +37,7 @@ def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = 
             raise
         from reid_jax.data import build
 
-        build.build(spec.name, data_dir, config=spec.get("config"))
+        build.build(spec.name, data_dir, config=args[3])
         source = data.load_source(*args, decode_image=decode_image)
     return source, index_lib.split_index(*args)
 
@@ -118,7 +118,8 @@ class Task:
         for spec in self.config.eval.datasets:
             name = spec.get("label", spec.name)
             source, index = dataset_source(spec, self.data_dir, self.config.data.auto_build)
-            captions = data.load_source(spec.name, spec.split, self.data_dir, spec.get("config"), decode_image=False)
+            captions = data.load_source(spec.name, spec.split, self.data_dir, spec.get("config") or None,
+                                        decode_image=False)
             img, txt = self._features(model, source, captions, index, mesh)
             metrics = evaluate.text_to_image(txt["feats"], txt["pid"], img["feats"], img["pid"])
             results.update({f"eval/{name}/{k}": v for k, v in metrics.items() if k != "num_queries"})
