@@ -26,7 +26,7 @@ def test_masking_probs_formula():
     rng = np.random.default_rng(0)
     ids = _ids(rng)
     sim = rng.uniform(-0.2, 0.9, ids.shape).astype(np.float32)
-    sim[5] = np.nan  # a caption not seen in the previous epoch
+    sim[5] = nam.UNSEEN  # a caption not seen in the previous epoch
     probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sim), P, "nam"))
     for i in range(len(ids)):
         real = (ids[i] > 0) & (ids[i] < tokenizer.MASK_ID)

@@ -195,3 +195,31 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
     with pytest.raises(loop.TrainingDiverged, match="non-finite training metrics at step 5"):
         loop.fit(config, tmp_path, task)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+
+
+def test_two_processes_on_loopback_equal_one_process(data_dir, tmp_path):
+    """jax.distributed with gloo CPU collectives: 2 processes x 2 devices vs 1 process x 1 device, same run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    worker = [sys.executable, str(ROOT / "tests" / "multihost_worker.py"), str(data_dir)]
+    procs = [subprocess.Popen(worker + [str(tmp_path / "multi"), str(tmp_path / "multi.npz"), str(i), "2",
+                                        str(port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    single = subprocess.run(worker + [str(tmp_path / "single"), str(tmp_path / "single.npz")], env=env, cwd=ROOT,
+                            capture_output=True, text=True)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    one, two = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+    worst = max(float(np.abs(one[k] - two[k]).max()) for k in one.files)
+    assert len(one.files) == len(two.files) and worst < 1e-5, worst
+
+    def last_eval(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if "eval/synthetic/R1" in line][-1]
+
+    assert last_eval(tmp_path / "single") == pytest.approx(last_eval(tmp_path / "multi"), abs=1e-6)

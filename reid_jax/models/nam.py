@@ -5,7 +5,7 @@ Per training step (ALGORITHMS.md section 2):
      text tokens and the image patch tokens (CLS and extra tokens dropped) pass through their tower's final LN and
      projection, are L2-normalised, and sim[token] = max over patches of the cosine similarity. No gradient.
   2. The similarities are stored per training example and used at the NEXT epoch (`masking_probs`; the first
-     epoch, marked by NaN in the table, masks uniformly): r = 1 - sim over real tokens, r' = clip(r - mean(r) +
+     epoch, marked by UNSEEN in the table, masks uniformly): r = 1 - sim over real tokens, r' = clip(r - mean(r) +
      p, 0, 1), so the mean masking probability is p and dissimilar tokens are masked more.
   3. `mask_tokens`: each real token (0 < id < MASK_ID) is chosen with probability r'; a chosen token becomes
      MASK_ID 80%, a random id 10%, itself 10% (BERT). If none is chosen, the first word is.
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from reid_jax import tokenizer
 
 MODES = ("nam", "uniform", "none")
+UNSEEN = -2.0  # similarity-table value of a token not seen yet (a cosine similarity is >= -1). Not NaN: a
+               # multi-process device_put checks that every process holds the same values, and NaN != NaN.
 
 
 def _l2n(x):
@@ -44,7 +46,7 @@ def real_tokens(ids: jax.Array) -> jax.Array:
 
 
 def masking_probs(ids: jax.Array, sim_prev: jax.Array, p: float, mode: str) -> jax.Array:
-    """Masking probability per token [B, L] from last epoch's similarities [B, L] (NaN rows: not seen yet)."""
+    """Masking probability per token [B, L] from last epoch's similarities [B, L] (UNSEEN rows: not seen yet)."""
     if mode not in MODES:
         raise ValueError(f"config.nam.mode must be one of {MODES}, got {mode!r}")
     real = real_tokens(ids)
@@ -54,7 +56,7 @@ def masking_probs(ids: jax.Array, sim_prev: jax.Array, p: float, mode: str) -> j
     r = 1.0 - sim_prev.astype(jnp.float32)
     mean = jnp.sum(jnp.where(real, r, 0.0), axis=1, keepdims=True) / jnp.maximum(real.sum(1, keepdims=True), 1)
     probs = jnp.where(real, jnp.clip(r - mean + p, 0.0, 1.0), 0.0)
-    seen = ~jnp.any(jnp.isnan(jnp.where(real, r, 0.0)), axis=1, keepdims=True)
+    seen = ~jnp.any(real & (sim_prev < -1.0), axis=1, keepdims=True)
     return jnp.where(seen, probs, uniform)
 
 

@@ -1,7 +1,8 @@
 """TDE + NAM (Tan et al., CVPR 2024): CLIP trained with SDM on MLLM-captioned pedestrians, noise-aware masking.
 
 One training step (ALGORITHMS.md sections 2-3):
-  1. read last epoch's token-image similarities of these examples from the per-example table (NaN = unseen);
+  1. read last epoch's token-image similarities of these examples from the per-example table (nam.UNSEEN = not
+     seen yet);
   2. mask the captions with NAM's probabilities (or uniformly, or not at all: `config.nam.mode`);
   3. encode images and masked captions; SDM between image CLS and masked-caption EOT features;
   4. without gradient, the unmasked captions' token similarities to the image patches at layer
@@ -78,7 +79,7 @@ class Task:
         buffers = {}
         if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
-            buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), jnp.nan, jnp.float16)
+            buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), nam.UNSEEN, jnp.float16)
         return loop.TrainState(model, self.tx, buffers)
 
     def train_stream(self, shard):
