@@ -214,6 +214,27 @@ def bench_train_step_torch(args) -> None:
                       "pairs_per_s": round(args.batch / step_s, 2)}), flush=True)
 
 
+def bench_eval(args) -> None:
+    """`evaluate.text_to_image` on random features of CUHK-PEDES test size (6156 captions, 3074 images)."""
+    from reid_jax import evaluate
+
+    rng = np.random.default_rng(0)
+    pids = rng.integers(0, args.identities, args.gallery)
+    gallery = rng.normal(size=(args.gallery, args.dim)).astype(np.float32)
+    q_pids = pids[rng.integers(0, args.gallery, args.queries)]
+    queries = (gallery[rng.integers(0, args.gallery, args.queries)] +
+               rng.normal(size=(args.queries, args.dim))).astype(np.float32)
+    evaluate.text_to_image(queries, q_pids, gallery, pids)  # compile
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        evaluate.text_to_image(queries, q_pids, gallery, pids)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"bench": "eval", "queries": args.queries, "gallery": args.gallery, "dim": args.dim,
+                      "device": jax.devices()[0].device_kind, "eval_s": round(statistics.median(times), 4)}),
+          flush=True)
+
+
 def _hw(text: str) -> tuple[int, int]:
     h, w = (int(x) for x in text.split(","))
     return h, w
@@ -242,6 +263,13 @@ def main(argv=None) -> None:
     trs.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs built in)")
     trs.add_argument("--torch", action="store_true", help="time the PyTorch reference step instead (ViT-B/16)")
     trs.set_defaults(fn=lambda a: bench_train_step_torch(a) if a.torch else bench_train_step(a))
+    ev = sub.add_parser("eval", help="text-to-image metric time (compilation excluded)")
+    ev.add_argument("--queries", type=int, default=6156)
+    ev.add_argument("--gallery", type=int, default=3074)
+    ev.add_argument("--identities", type=int, default=1000)
+    ev.add_argument("--dim", type=int, default=512)
+    ev.add_argument("--repeats", type=int, default=3)
+    ev.set_defaults(fn=bench_eval)
     dat = sub.add_parser("data", help="training input pipeline images/s")
     dat.add_argument("--dataset", default="synthetic_pedestrians")
     dat.add_argument("--config", default="demo")
