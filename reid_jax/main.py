@@ -40,8 +40,7 @@ def evaluate_latest(config, workdir: Path, task) -> dict:
     if step is None:
         logging.info("no checkpoint in %s: evaluating the initial model", workdir)
         return loop.evaluate_only(config, workdir, task)
-    graphdef, state = nnx.split(task.init_state())
-    shardings = mesh_lib.state_shardings(state, mesh_lib.make_mesh(config.mesh), config.mesh.fsdp_min_size)
+    _, graphdef, state, shardings = loop.place_state(config, task)
     state, _, _ = ckpt.restore(step, loop.abstract_state(state, shardings))
     results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir)
     writer = MetricWriter(workdir)

@@ -63,13 +63,18 @@ def _best_metric(config, results: dict) -> dict[str, float]:
     return {k.split("/")[1]: v for k, v in results.items() if k.endswith("/" + key)}
 
 
-def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
-    """Trains `task` to config.train.epochs (resuming from workdir's latest checkpoint); returns the model."""
-    workdir = Path(workdir)
+def place_state(config: ml_collections.ConfigDict, task):
+    """The task's initial state on the mesh: (mesh, graphdef, state, its shardings)."""
     mesh = mesh_lib.make_mesh(config.mesh)
     graphdef, state = nnx.split(task.init_state())
     shardings = mesh_lib.state_shardings(state, mesh, config.mesh.fsdp_min_size)
-    state = jax.device_put(state, shardings)
+    return mesh, graphdef, jax.device_put(state, shardings), shardings
+
+
+def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
+    """Trains `task` to config.train.epochs (resuming from workdir's latest checkpoint); returns the model."""
+    workdir = Path(workdir)
+    mesh, graphdef, state, shardings = place_state(config, task)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     best_ckpt = {}
     iterator = iter(task.train_stream(Shard.from_jax()))
