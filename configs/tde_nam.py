@@ -48,7 +48,11 @@ def base() -> ml_collections.ConfigDict:
     c.nam = ml_collections.ConfigDict({
         "mode": "nam",  # 'nam' | 'uniform' (the paper's EM ablation) | 'none'
         "layer": 10, "p": 0.15, "mask_prob": 0.8, "random_prob": 0.1})
-    c.loss = ml_collections.ConfigDict({"logit_scale": 50.0})  # SDM temperature 0.02, fixed
+    c.loss = ml_collections.ConfigDict({
+        "logit_scale": 50.0,  # SDM temperature 0.02, fixed
+        # IRRA's fine-tuning terms (0 = off): ID classifier on image and text features, cross-modal MLM head
+        "id_weight": 0.0, "id_label_smoothing": 0.0, "mlm_weight": 0.0, "mlm_depth": 4, "mlm_p": 0.15,
+        "sdm_sees_mlm_mask": False})  # True reproduces the public IRRA code's aliasing (ALGORITHMS.md 2)
 
     c.optim = ml_collections.ConfigDict({
         "name": "adam", "lr": 1e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-3, "weight_decay": 4e-5,
@@ -74,6 +78,14 @@ def finetune(test_set: str) -> ml_collections.ConfigDict:
     c.data.batch_size = 64
     c.train.epochs = 60
     c.nam.mode = "none"
+    c.loss.update({"id_weight": 1.0, "mlm_weight": 1.0})
+    # IRRA's groups, first match wins: heads' classifier and MLM at 5x lr, cross-modal blocks at 5x except their
+    # biases (2x, like every other bias), no decay on biases
+    c.optim.param_groups = [
+        {"pattern": r"^heads\.(classifier|mlm_head)\..*bias$", "lr_mult": 5.0, "weight_decay": 0.0},
+        {"pattern": r"^heads\.(classifier|mlm_head)\.", "lr_mult": 5.0},
+        {"pattern": r"\.bias$", "lr_mult": 2.0, "weight_decay": 0.0},
+        {"pattern": r"^heads\.cross", "lr_mult": 5.0}]
     c.eval.datasets = [_dataset(name, "test")]
     return c
 

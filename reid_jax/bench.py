@@ -136,8 +136,9 @@ def bench_train_step(args) -> None:
             return losses.sdm(model.image_features(batch["image"]), model.text_features(batch["text"]),
                               batch["pid"])
 
-        loss, grads = nnx.value_and_grad(loss_fn)(ts.model)
-        ts.optimizer.update(ts.model, grads)
+        params = ts.trainable()
+        loss, grads = nnx.value_and_grad(lambda p: loss_fn(p.model))(params)
+        ts.optimizer.update(params, grads)
         return nnx.state(ts), loss
 
     t0 = time.perf_counter()

@@ -34,14 +34,28 @@ class Buffer(nnx.Variable):
     """Training state that is not a parameter (e.g. NAM's per-example similarity table)."""
 
 
-class TrainState(nnx.Module):
-    """Everything a training step changes: model, optimizer (with its step count) and buffers."""
+class Trainable(nnx.Module):
+    """What the optimizer updates: the model that is evaluated and exported, and training-only heads (e.g. an ID
+    classifier). Parameter names (for config.optim.param_groups) start with 'model.' or 'heads.'."""
 
-    def __init__(self, model: nnx.Module, tx, buffers: dict | None = None):
+    def __init__(self, model: nnx.Module, heads: nnx.Module):
         self.model = model
-        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.heads = heads
+
+
+class TrainState(nnx.Module):
+    """Everything a training step changes: model, heads, optimizer (with its step count) and buffers."""
+
+    def __init__(self, model: nnx.Module, tx, buffers: dict | None = None, heads: nnx.Module | None = None):
+        self.model = model
+        self.heads = heads if heads is not None else nnx.Dict()
+        self.optimizer = nnx.Optimizer(self.trainable(), tx, wrt=nnx.Param)
         for name, value in (buffers or {}).items():
             setattr(self, name, Buffer(value))
+
+    def trainable(self) -> Trainable:
+        """Differentiate a loss with respect to this, then `ts.optimizer.update(trainable, grads)`."""
+        return Trainable(self.model, self.heads)
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,9 +1,10 @@
 """Optimizers and learning-rate schedules from config (every number in `config.optim`).
 
 `adam` is PyTorch's Adam with `weight_decay` (L2 added to the gradient, what IRRA / CLIP-ReID / MUVA use);
-`adamw` decouples the decay. Parameter groups match regular expressions against dotted parameter names
-(`visual.transformer.resblocks.3.attn.in_proj.bias`) and scale the learning rate and set the weight decay, as
-the papers' PyTorch param groups do (e.g. IRRA: biases at 2x lr without decay; MUVA: RMP at 10x lr).
+`adamw` decouples the decay. Parameter groups match regular expressions against dotted parameter names of
+`loop.Trainable` (`model.visual.transformer.resblocks.3.attn.in_proj.bias`, `heads.classifier.kernel`) and
+scale the learning rate and set the weight decay, as the papers' PyTorch param groups do (e.g. IRRA: biases at
+2x lr without decay; MUVA: RMP at 10x lr).
 The schedule runs per step: linear warmup from `warmup_factor` x lr, then cosine (to `final_factor` x lr) or
 steps of `gamma` at the `milestones` epochs.
 """
@@ -18,7 +19,7 @@ import optax
 
 
 def param_name(path) -> str:
-    """A jax key path into an nnx.State -> 'visual.transformer.resblocks.0.attn.in_proj.kernel'."""
+    """A jax key path into an nnx.State -> 'model.visual.transformer.resblocks.0.attn.in_proj.kernel'."""
     return ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 

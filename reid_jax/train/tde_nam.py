@@ -24,7 +24,7 @@ from reid_jax import data, evaluate, losses
 from reid_jax.data import index as index_lib
 from reid_jax.data import pipeline
 from reid_jax.models import clip as clip_lib
-from reid_jax.models import nam
+from reid_jax.models import irra, nam
 from reid_jax.train import loop, mesh as mesh_lib, optimizer, visualize
 
 
@@ -80,7 +80,11 @@ class Task:
         if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
             buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), nam.UNSEEN, jnp.float16)
-        return loop.TrainState(model, self.tx, buffers)
+        heads = None
+        if self.config.loss.id_weight or self.config.loss.mlm_weight:
+            heads = irra.IRRAHeads(model.config, len(np.unique(self.index.pids)), self.config.loss.mlm_depth,
+                                   rngs=nnx.Rngs(self.config.seed + 1))
+        return loop.TrainState(model, self.tx, buffers, heads)
 
     def train_stream(self, shard):
         return pipeline.pairs_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard)
@@ -88,29 +92,47 @@ class Task:
     def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
         cfg = self.config
         ids, index = batch["text"], batch["index"]
+        k_nam, k_mlm = jax.random.split(rng)
         prev = ts.nam_sims[...][index] if cfg.nam.mode == "nam" else jnp.zeros(ids.shape)
         probs = nam.masking_probs(ids, prev, cfg.nam.p, cfg.nam.mode)
-        masked, labels = nam.mask_tokens(ids, probs, rng, mask_prob=cfg.nam.mask_prob,
+        masked, labels = nam.mask_tokens(ids, probs, k_nam, mask_prob=cfg.nam.mask_prob,
                                          random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
         want_sims = cfg.nam.mode == "nam"
+        use_mlm = bool(cfg.loss.mlm_weight)
+        if use_mlm:  # IRRA: an independent uniform 15% BERT masking of the caption for the MLM head
+            mlm_ids, mlm_labels = nam.mask_tokens(ids, nam.masking_probs(ids, prev, cfg.loss.mlm_p, "uniform"),
+                                                  k_mlm, ensure_one=False)
+            if cfg.loss.sdm_sees_mlm_mask:  # the public IRRA code's aliasing: SDM and ID see the MLM-masked ids
+                masked = mlm_ids
         prefix = 1 + ts.model.config.vision.num_extra_tokens
 
-        def loss_fn(model):
+        def loss_fn(params: loop.Trainable):
+            model, heads = params.model, params.heads
             img_tokens, img_layers = model.visual(batch["image"], return_layers=want_sims)
-            img_feat = model.visual.project(img_tokens[:, 0])
-            loss = losses.sdm(img_feat, model.text_features(masked), batch["pid"], cfg.loss.logit_scale)
+            img_feat = model.visual.project(img_tokens[:, 0]).astype(jnp.float32)
+            txt_feat = model.text_features(masked)
+            parts = {"sdm": losses.sdm(img_feat, txt_feat, batch["pid"], cfg.loss.logit_scale)}
+            if cfg.loss.id_weight:
+                parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
+                                                                  batch["pid"], cfg.loss.id_label_smoothing)
+            if use_mlm:
+                mlm_tokens, _ = model.text(mlm_ids)
+                logits = heads.mlm_logits(model.text.project(mlm_tokens), model.visual.project(img_tokens))
+                parts["mlm"] = cfg.loss.mlm_weight * losses.mlm(logits, mlm_labels)
             sims = None
             if want_sims:
                 _, txt_layers = model.text(ids, return_layers=True)
                 sims = nam.token_similarity(img_layers, txt_layers, model, cfg.nam.layer, prefix)
-            return loss, sims
+            return sum(parts.values()), (parts, sims)
 
-        (loss, sims), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model)
-        ts.optimizer.update(ts.model, grads)
+        params = ts.trainable()
+        (loss, (parts, sims)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(params)
+        ts.optimizer.update(params, grads)
         if want_sims:
             ts.nam_sims[...] = ts.nam_sims[...].at[index].set(sims.astype(jnp.float16))
         real = nam.real_tokens(ids)
-        return {"loss": loss, "mask_rate": jnp.sum(labels > 0) / jnp.maximum(real.sum(), 1)}
+        metrics = {"loss": loss, "mask_rate": jnp.sum(labels > 0) / jnp.maximum(real.sum(), 1)}
+        return metrics | ({f"loss_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: clip_lib.CLIP, step: int, workdir: Path) -> dict:
