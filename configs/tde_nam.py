@@ -52,6 +52,7 @@ def base() -> ml_collections.ConfigDict:
         "logit_scale": 50.0,  # SDM temperature 0.02, fixed
         # IRRA's fine-tuning terms (0 = off): ID classifier on image and text features, cross-modal MLM head
         "id_weight": 0.0, "id_label_smoothing": 0.0, "mlm_weight": 0.0, "mlm_depth": 4, "mlm_p": 0.15,
+        "itc_weight": 0.0,  # IRRA's optional CLIP contrastive term; the paper trains without it
         "sdm_sees_mlm_mask": False})  # True reproduces the public IRRA code's aliasing (ALGORITHMS.md 2)
 
     c.optim = ml_collections.ConfigDict({
@@ -101,15 +102,29 @@ def demo(mode: str = "nam", noisy: bool = False) -> ml_collections.ConfigDict:
         "vision": {"width": 128, "layers": 4, "heads": 4, "mlp_dim": 512, "patch_size": 16},
         "text": {"width": 128, "layers": 3, "heads": 4, "mlp_dim": 512, "context_length": 48},
         "embed_dim": 128}
-    c.data.update({"batch_size": 64, "context_length": 48, "num_workers": 0})
-    c.data.aug.update({"pad": 4})
+    c.data.update({"batch_size": 64, "context_length": 48, "num_workers": 1})
+    # No random erasing: on 128x64 drawings it wipes out the shoes or hair the caption names (measured, 3 epochs:
+    # R1 21.9% with the paper's erasing p = 0.5, 33.4% without)
+    c.data.aug.update({"pad": 4, "erase_prob": 0.0})
     c.nam.update({"mode": mode, "layer": 3})
-    # From scratch, SDM at the paper's scale 50 stays at the uniform-prediction loss for 300+ steps; at 10 it
-    # leaves the plateau after ~200 steps (measured on this set). Pretrained CLIP runs keep 50.
-    c.loss.logit_scale = 10.0
-    c.optim.update({"lr": 3e-4, "eps": 1e-8, "weight_decay": 1e-4, "warmup_epochs": 0.2})
-    c.train.update({"epochs": 12, "log_every": 20, "checkpoint_every_steps": 200})
-    c.eval.update({"every_epochs": 4, "batch_size": 256})
+    # From scratch, SDM alone sits at the uniform-prediction loss for ~600 steps (its reverse KL pulls a positive
+    # up only in proportion to the probability it already has); at the paper's scale 50 for longer. IRRA's optional
+    # ITC term leaves that plateau within 100 steps. Measured on this set (closing note of issue 4): 900 steps,
+    # SDM R1 11.2%, ITC alone 21.8%. Pretrained CLIP runs keep SDM alone at scale 50. lr 1e-3 was worse (R1 14.7%).
+    c.loss.update({"logit_scale": 10.0, "itc_weight": 1.0})
+    c.optim.update({"lr": 5e-4, "eps": 1e-8, "weight_decay": 1e-4, "warmup_epochs": 0.2})
+    c.train.update({"epochs": 3, "log_every": 25, "checkpoint_every_steps": 225})  # 450 steps per epoch
+    c.eval.update({"every_epochs": 1, "batch_size": 256})
+    return c
+
+
+def ablation(mode: str) -> ml_collections.ConfigDict:
+    """The paper's masking ablation: the demo recipe on captions with 30% wrong attribute words, evaluated once at
+    the end on clean captions of held-out templates. Two epochs: NAM masks with the previous epoch's similarities,
+    so the second epoch is where 'nam' and 'uniform' differ. Seeds: --config.seed=0|1|2."""
+    c = demo(mode, noisy=True)
+    c.train.epochs = 2
+    c.eval.every_epochs = 0
     return c
 
 
@@ -125,6 +140,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "demo":
         return demo()
     if arg.startswith("ablation_"):
-        return demo(arg.split("_", 1)[1], noisy=True)
+        return ablation(arg.split("_", 1)[1])
     raise ValueError(f"unknown variant {arg!r} of configs/tde_nam.py; expected pretrain, finetune[_cuhk|_icfg|"
                      f"_rstp], zeroshot, demo, ablation_nam, ablation_uniform, ablation_none")

@@ -110,17 +110,36 @@ def _peak_flops(args) -> float | None:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
+def _tower_flops(tokens: int, width: int, mlp_dim: int, layers: int) -> float:
+    """Forward FLOPs of `layers` transformer blocks over `tokens` tokens (multiply-add = 2): q/k/v/out
+    projections 4 D^2, MLP 2 D M per token, and the T x T scores and weighted sum 2 T D per token."""
+    return 2.0 * layers * tokens * (4 * width ** 2 + 2 * width * mlp_dim + 2 * tokens * width)
+
+
+def train_flops(cfg: clip_lib.CLIPConfig, batch: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward, no remat recompute), the MFU numerator.
+    Counted analytically: XLA's cost analysis counts a scanned layer once, and is not offered on every backend."""
+    v, t = cfg.vision, cfg.text
+    gh, gw = v.grid
+    patches = 2.0 * gh * gw * v.patch_size ** 2 * 3 * v.width
+    image = patches + _tower_flops(v.num_tokens, v.width, v.mlp_dim, v.layers)
+    text = _tower_flops(t.context_length, t.width, t.mlp_dim, t.layers)
+    return 3.0 * batch * (image + text)
+
+
 def bench_train_step(args) -> None:
     """One TDE training step (SDM on image CLS vs caption EOT, AdamW), ViT-B/16; compilation not timed."""
     import jax.numpy as jnp
     import optax
 
     from reid_jax import losses
-    from reid_jax.train.loop import TrainState
 
     preset = {"vit-b-16": clip_lib.CLIPConfig.vit_b16, "tiny": clip_lib.CLIPConfig.tiny}[args.model]
-    cfg = preset(image_size=args.image_size, stride=args.stride, dtype=args.dtype, remat=args.remat)
-    graphdef, state = nnx.split(TrainState(clip_lib.CLIP(cfg, rngs=nnx.Rngs(0)), optax.adamw(1e-5)))
+    cfg = preset(image_size=args.image_size, stride=args.stride, dtype=args.dtype, remat=args.remat,
+                 scan_layers=args.scan, attention=args.attention)
+    model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
+    # model + optimizer as the trainer holds them (loop.TrainState), without importing the data stack
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-5), wrt=nnx.Param)))
     rng = np.random.default_rng(0)
     length = cfg.text.context_length
     ids = np.zeros((args.batch, length), np.int32)
@@ -129,22 +148,23 @@ def bench_train_step(args) -> None:
     batch = {"image": jnp.asarray(rng.normal(size=(args.batch, *args.image_size, 3)), jnp.float32),
              "text": jnp.asarray(ids), "pid": jnp.arange(args.batch)}
 
-    def step(state, batch):
-        ts = nnx.merge(graphdef, state)
+    def make_step(graphdef):
+        def step(state, batch):
+            model, opt = nnx.merge(graphdef, state)
 
-        def loss_fn(model):
-            return losses.sdm(model.image_features(batch["image"]), model.text_features(batch["text"]),
-                              batch["pid"])
+            def loss_fn(model):
+                return losses.sdm(model.image_features(batch["image"]), model.text_features(batch["text"]),
+                                  batch["pid"])
 
-        params = ts.trainable()
-        loss, grads = nnx.value_and_grad(lambda p: loss_fn(p.model))(params)
-        ts.optimizer.update(params, grads)
-        return nnx.state(ts), loss
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, grads)
+            return nnx.state((model, opt)), loss
+        return step
 
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(make_step(graphdef), donate_argnums=0).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = (compiled.cost_analysis() or {}).get("flops")
+    flops = train_flops(cfg, args.batch)
     state, loss = compiled(state, batch)
     jax.block_until_ready(loss)
     times = []
@@ -157,6 +177,7 @@ def bench_train_step(args) -> None:
     peak = _peak_flops(args)
     print(json.dumps({"bench": "train_step", "model": args.model, "batch": args.batch,
                       "image_size": list(args.image_size), "dtype": args.dtype, "remat": args.remat,
+                      "scan_layers": args.scan, "attention": args.attention,
                       "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 2),
                       "step_ms": round(step_s * 1e3, 1), "pairs_per_s": round(args.batch / step_s, 2),
                       "tflops_per_s": round(flops / step_s / 1e12, 3) if flops else None,
@@ -187,13 +208,17 @@ def bench_train_step_torch(args) -> None:
         model.visual.positional_embedding = torch.nn.Parameter(
             torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)]))
     model.visual.conv1.stride = (args.stride, args.stride)
+    device = torch.device(args.device)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    images = torch.randn(args.batch, 3, *args.image_size)
+    images = torch.randn(args.batch, 3, *args.image_size, device=device)
     ids = torch.zeros(args.batch, 77, dtype=torch.long)
     ids[:, 0], ids[:, 1:21], ids[:, 21] = 49406, torch.randint(1, 49405, (args.batch, 20)), 49407
-    pid = torch.arange(args.batch)
+    ids, pid = ids.to(device), torch.arange(args.batch, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def sdm(img, txt, scale=50.0):
+        img, txt = img.float(), txt.float()
         labels = (pid[:, None] == pid[None]).float()
         q = labels / labels.sum(1, keepdim=True)
         t2i = scale * F.normalize(txt, dim=1) @ F.normalize(img, dim=1).t()
@@ -201,16 +226,20 @@ def bench_train_step_torch(args) -> None:
         return kl(t2i) + kl(t2i.t())
 
     times = []
-    for i in range(args.steps + 1):
+    for i in range(args.steps + 2):
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = sdm(model.encode_image(images), model.encode_text(ids))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss = sdm(model.encode_image(images), model.encode_text(ids))
         loss.backward()
         opt.step()
-        if i:  # the first step warms the allocator up
+        sync()
+        if i > 1:  # the first steps warm the allocator and kernels up
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     print(json.dumps({"bench": "train_step_torch", "batch": args.batch, "image_size": list(args.image_size),
+                      "amp": args.amp, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "threads": torch.get_num_threads(), "step_ms": round(step_s * 1e3, 1),
                       "pairs_per_s": round(args.batch / step_s, 2)}), flush=True)
 
@@ -260,6 +289,12 @@ def main(argv=None) -> None:
     trs.add_argument("--stride", type=int, default=16)
     trs.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     trs.add_argument("--remat", action="store_true")
+    trs.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                     help="blocks as one lax.scan or unrolled (default)")
+    trs.add_argument("--attention", default="", choices=clip_lib.ATTENTION,
+                     help="jax.nn.dot_product_attention implementation ('' = JAX's choice)")
+    trs.add_argument("--device", default="cpu", help="--torch only: cpu or cuda")
+    trs.add_argument("--amp", action="store_true", help="--torch only: bfloat16 autocast (PyTorch AMP)")
     trs.add_argument("--steps", type=int, default=3)
     trs.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs built in)")
     trs.add_argument("--torch", action="store_true", help="time the PyTorch reference step instead (ViT-B/16)")

@@ -442,7 +442,7 @@ def _config_fields(cfg: CLIPConfig) -> dict:
     d = cfg.to_dict()
     for tower in ("vision", "text"):
         d[tower] = {k: v for k, v in d[tower].items() if k not in ("image_size", "stride", "num_extra_tokens")}
-    return {k: v for k, v in d.items() if k not in ("dtype", "remat")}
+    return {k: v for k, v in d.items() if k not in ("dtype", "remat", "scan_layers", "attention")}
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -35,6 +35,14 @@ def sdm(image_feats: jax.Array, text_feats: jax.Array, pids: jax.Array, logit_sc
     return direction(logit_scale * sims) + direction(logit_scale * sims.T)
 
 
+def itc(image_feats: jax.Array, text_feats: jax.Array, logit_scale: float = 50.0) -> jax.Array:
+    """CLIP's image-text contrastive loss (IRRA's optional 'itc' term): row i of each is a matched pair, every other
+    row a negative; (CE(image->text) + CE(text->image)) / 2 over logits scale * cos. [B, D] each -> scalar."""
+    logits = logit_scale * _l2n(image_feats.astype(jnp.float32)) @ _l2n(text_feats.astype(jnp.float32)).T
+    labels = jnp.arange(logits.shape[0])
+    return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Mean softmax CE over rows; logits [B, C], labels int [B]; smoothing spreads eps uniformly over C classes
     (CLIP-ReID's CrossEntropyLabelSmooth: (1 - eps) one-hot + eps / C)."""

@@ -60,3 +60,15 @@ def test_mlm_ignores_unmasked_positions():
     ref = F.cross_entropy(torch.from_numpy(logits).reshape(-1, 20), torch.from_numpy(labels).reshape(-1),
                           ignore_index=0)
     assert float(losses.mlm(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_itc_matches_irra():
+    """IRRA's compute_itc (objectives.py) written out in torch."""
+    rng = np.random.default_rng(5)
+    image, text = rng.normal(size=(9, 16)).astype(np.float32), rng.normal(size=(9, 16)).astype(np.float32)
+    ti, tt = torch.from_numpy(image), torch.from_numpy(text)
+    logits = 20.0 * (ti / ti.norm(dim=-1, keepdim=True)) @ (tt / tt.norm(dim=-1, keepdim=True)).t()
+    labels = torch.arange(9)
+    want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    got = losses.itc(jnp.asarray(image), jnp.asarray(text), 20.0)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

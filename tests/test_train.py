@@ -33,6 +33,7 @@ def tiny_config(data_dir, **train):
                          "embed_dim": 24}
     c.nam.layer = 1
     c.data.batch_size = 16
+    c.data.num_workers = 0
     c.data.aug.pad = 2
     c.train.update({"epochs": 2, "log_every": 1, "checkpoint_every_steps": 4, **train})
     c.eval.update({"every_epochs": 0, "batch_size": 32, "png_queries": 2})

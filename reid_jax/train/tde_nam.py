@@ -112,6 +112,8 @@ class Task:
             img_feat = model.visual.project(img_tokens[:, 0]).astype(jnp.float32)
             txt_feat = model.text_features(masked)
             parts = {"sdm": losses.sdm(img_feat, txt_feat, batch["pid"], cfg.loss.logit_scale)}
+            if cfg.loss.itc_weight:
+                parts["itc"] = cfg.loss.itc_weight * losses.itc(img_feat, txt_feat, cfg.loss.logit_scale)
             if cfg.loss.id_weight:
                 parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
                                                                   batch["pid"], cfg.loss.id_label_smoothing)
