@@ -1,0 +1,126 @@
+"""k-reciprocal re-ranking against a float64 numpy transcription of Zhong et al. (CVPR 2017), written as plain loops."""
+
+import numpy as np
+import pytest
+
+from reid_jax import evaluate, rerank
+
+
+def _reciprocal_set(rank, i, k):
+    """Those j among the first k + 1 neighbours of i that have i among their own first k + 1 neighbours."""
+    return [int(j) for j in rank[i, :k + 1] if i in rank[j, :k + 1]]
+
+
+def _reference(q, g, k1, k2, lam):
+    x = np.concatenate([q, g]).astype(np.float64)
+    n, nq = len(x), len(q)
+    d = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            d[i, j] = np.sum((x[i] - x[j]) ** 2)
+    dist = np.transpose(d / np.max(d, axis=0))
+    rank = np.argsort(dist, axis=1, kind="stable")
+    k_half = int(np.around(k1 / 2))
+    v = np.zeros((n, n))
+    for i in range(n):
+        r = _reciprocal_set(rank, i, k1)
+        expansion = list(r)
+        for c in r:
+            rc = _reciprocal_set(rank, c, k_half)
+            if len(set(rc) & set(r)) > 2 / 3 * len(rc):
+                expansion += rc
+        expansion = np.unique(expansion)
+        w = np.exp(-dist[i, expansion])
+        v[i, expansion] = w / w.sum()
+    if k2 != 1:
+        v = np.stack([v[rank[i, :k2]].mean(axis=0) for i in range(n)])
+    jaccard = np.zeros((nq, n))
+    for i in range(nq):
+        for j in range(n):
+            s = np.sum(np.minimum(v[i], v[j]))
+            jaccard[i, j] = 1 - s / (2 - s)
+    final = jaccard * (1 - lam) + dist[:nq] * lam
+    return final[:, nq:], dist[:nq, nq:]
+
+
+def _feats(seed, nq, ng, dim=16):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(nq, dim)), rng.normal(size=(ng, dim))
+
+
+@pytest.mark.parametrize("nq, ng, k1, k2, lam", [
+    (7, 40, 20, 6, 0.3),
+    (7, 40, 20, 1, 0.3),   # no query expansion
+    (7, 40, 5, 3, 0.5),    # round(5 / 2) = 2 (half to even)
+    (7, 40, 7, 2, 0.0),    # pure Jaccard; round(7 / 2) = 4
+    (3, 5, 20, 10, 0.3),   # k1 + 1 and k2 larger than N
+])
+def test_matches_reference(nq, ng, k1, k2, lam):
+    q, g = _feats(nq * 100 + k1, nq, ng)
+    ours = rerank.k_reciprocal(q, g, k1=k1, k2=k2, lambda_value=lam)
+    ref, _ = _reference(q, g, k1, k2, lam)
+    assert ours.shape == (nq, ng) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lambda_one_is_normalised_original_distance():
+    q, g = _feats(3, 7, 40)
+    _, dist = _reference(q, g, 20, 6, 1.0)
+    np.testing.assert_allclose(rerank.k_reciprocal(q, g, lambda_value=1.0), dist, rtol=1e-5, atol=1e-6)
+
+
+def test_chunking_is_exact():
+    q, g = _feats(4, 9, 30)
+    np.testing.assert_array_equal(rerank.k_reciprocal(q, g, chunk=1), rerank.k_reciprocal(q, g))
+    np.testing.assert_array_equal(rerank.k_reciprocal(q, g, chunk=4), rerank.k_reciprocal(q, g))
+
+
+def _clustered(seed, nid=10, ncam=3, per_cam=2, dim=16):
+    rng = np.random.default_rng(seed)
+    centers = 3 * rng.normal(size=(nid, dim))
+    pid = np.repeat(np.arange(nid), ncam * per_cam)
+    cam = np.tile(np.repeat(np.arange(ncam), per_cam), nid)
+    feats = centers[pid] + rng.normal(size=(len(pid), dim))
+    is_query = np.tile(np.arange(ncam * per_cam) == 0, nid)  # one query per identity, from camera 0
+    return [(a[is_query], a[~is_query]) for a in (feats, pid, cam)]
+
+
+def test_image_reid_with_distances():
+    (q, g), (qp, gp), (qc, gc) = _clustered(5)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    plain = evaluate.image_reid(q, qp, qc, g, gp, gc)
+    given = evaluate.image_reid(None, qp, qc, None, gp, gc, distances=-(qn @ gn.T))
+    assert given.keys() == plain.keys()
+    for k in ("R1", "R5", "R10", "mAP", "mINP", "num_queries"):
+        assert given[k] == pytest.approx(plain[k], abs=1e-4), k
+    np.testing.assert_allclose(given["cmc"], plain["cmc"], atol=1e-4)
+
+    reranked = evaluate.image_reid(None, qp, qc, None, gp, gc, distances=rerank.k_reciprocal(q, g, k1=6, k2=3),
+                                   max_rank=10, chunk=3)
+    assert reranked["num_queries"] == 10
+    for k in ("R1", "mAP", "mINP"):
+        assert 0 <= reranked[k] <= 100, k
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"k1": 0}, "k1"), ({"k1": 2.5}, "k1"), ({"k2": 0}, "k2"), ({"lambda_value": 1.5}, "lambda_value"),
+    ({"lambda_value": -0.1}, "lambda_value"), ({"chunk": 0}, "chunk"),
+])
+def test_bad_arguments(kwargs, name):
+    q, g = _feats(6, 3, 8)
+    with pytest.raises(ValueError, match=name):
+        rerank.k_reciprocal(q, g, **kwargs)
+
+
+def test_bad_features_and_distances():
+    q, g = _feats(7, 3, 8)
+    with pytest.raises(ValueError, match="feature dim"):
+        rerank.k_reciprocal(q, g[:, :5])
+    with pytest.raises(ValueError, match="2-D"):
+        rerank.k_reciprocal(q[0], g)
+    pids, cams = np.zeros(3, int), np.zeros(8, int)
+    with pytest.raises(ValueError, match="distances"):
+        evaluate.image_reid(None, pids, pids, None, cams, cams + 1, distances=np.zeros((3, 7)))
+    with pytest.raises(ValueError, match="query_feats"):
+        evaluate.image_reid(None, pids, pids, None, cams, cams + 1)
