@@ -5,7 +5,6 @@ import difflib
 import hashlib
 import itertools
 import json
-import os
 import re
 import shutil
 import signal
@@ -20,7 +19,7 @@ import pytest
 from data_builders.common import read_part_boxes
 from reid_jax.captioning import __main__ as cli
 from reid_jax.captioning import boxes as boxes_lib
-from reid_jax.captioning import calibration, captioner, masks, mock_server, runner, store
+from reid_jax.captioning import calibration, captioner, masks, mock_server, store
 from reid_jax.captioning import templates as T
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from data_builders.synthetic_pedestrians import attributes, builder
-from reid_jax.captioning import templates as templates_lib
 
 BOX_FORMATS = ("qwen", "cogvlm", "json", "shikra")
 PART_NAMES = ("head", "upper body", "legs")
