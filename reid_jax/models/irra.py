@@ -20,30 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from reid_jax.models import clip as clip_lib
+from reid_jax.models.attention import CrossAttention
 
 Array = jax.Array
-
-
-class CrossAttention(nnx.Module):
-    """torch.nn.MultiheadAttention with distinct queries and keys/values (batch first), fused in-projection."""
-
-    def __init__(self, width: int, heads: int, proj_std: float, dtype, *, rngs: nnx.Rngs):
-        self.heads = heads
-        init = jax.nn.initializers.normal
-        self.in_proj = nnx.Linear(width, 3 * width, dtype=dtype, kernel_init=init(width ** -0.5), rngs=rngs)
-        self.out_proj = nnx.Linear(width, width, dtype=dtype, kernel_init=init(proj_std), rngs=rngs)
-
-    def __call__(self, q: Array, kv: Array) -> Array:
-        """q: [B, L, D], kv: [B, T, D] -> [B, L, D]."""
-        (b, lq, d), t = q.shape, kv.shape[1]
-        w, bias = self.in_proj.kernel[...], self.in_proj.bias[...]
-        dt = self.in_proj.dtype
-        queries = q.astype(dt) @ w[:, :d].astype(dt) + bias[:d].astype(dt)
-        kv_proj = kv.astype(dt) @ w[:, d:].astype(dt) + bias[d:].astype(dt)
-        h = self.heads
-        keys, values = jnp.split(kv_proj.reshape(b, t, 2 * h, d // h), 2, axis=2)
-        out = jax.nn.dot_product_attention(queries.reshape(b, lq, h, d // h), keys, values)
-        return self.out_proj(out.reshape(b, lq, d))
 
 
 class MLMHead(nnx.Module):

@@ -13,7 +13,9 @@ A method supplies a *task* object:
 from __future__ import annotations
 
 import math
+import re
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -43,19 +45,38 @@ class Trainable(nnx.Module):
         self.heads = heads
 
 
-class TrainState(nnx.Module):
-    """Everything a training step changes: model, heads, optimizer (with its step count) and buffers."""
+def trainable_filter(frozen: Sequence[str] = ()):
+    """The nnx filter of the parameters a step updates: every nnx.Param whose dotted name in `Trainable`
+    ('model.clip.text.transformer.resblocks.0.attn.in_proj.kernel') matches none of the `frozen` regexes."""
+    if not frozen:
+        return nnx.Param
+    pattern = re.compile("|".join(f"(?:{p})" for p in frozen))
+    return nnx.All(nnx.Param, lambda path, _: not pattern.search(".".join(map(str, path))))
 
-    def __init__(self, model: nnx.Module, tx, buffers: dict | None = None, heads: nnx.Module | None = None):
+
+class TrainState(nnx.Module):
+    """Everything a training step changes: model, heads, optimizer (with its step count) and buffers.
+
+    `frozen`: regexes of parameter names that stay fixed (no gradient is computed for them, no optimizer state).
+    """
+
+    def __init__(self, model: nnx.Module, tx, buffers: dict | None = None, heads: nnx.Module | None = None,
+                 frozen: Sequence[str] = ()):
         self.model = model
         self.heads = heads if heads is not None else nnx.Dict()
-        self.optimizer = nnx.Optimizer(self.trainable(), tx, wrt=nnx.Param)
+        self.frozen = tuple(frozen)
+        self.optimizer = nnx.Optimizer(self.trainable(), tx, wrt=trainable_filter(self.frozen))
         for name, value in (buffers or {}).items():
             setattr(self, name, Buffer(value))
 
     def trainable(self) -> Trainable:
-        """Differentiate a loss with respect to this, then `ts.optimizer.update(trainable, grads)`."""
+        """Differentiate a loss with respect to this (`ts.value_and_grad`), then `ts.optimizer.update(it, grads)`."""
         return Trainable(self.model, self.heads)
+
+    def value_and_grad(self, loss_fn, has_aux: bool = False):
+        """nnx.value_and_grad of loss_fn(trainable) over the parameters that are not frozen."""
+        return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable_filter(self.frozen)),
+                                  has_aux=has_aux)
 
 
 class TrainingDiverged(RuntimeError):

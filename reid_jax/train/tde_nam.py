@@ -21,42 +21,10 @@ import numpy as np
 from flax import nnx
 
 from reid_jax import data, evaluate, losses
-from reid_jax.data import index as index_lib
 from reid_jax.data import pipeline
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
-from reid_jax.train import loop, mesh as mesh_lib, optimizer, visualize
-
-
-def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = True):
-    """(source, index) of a dataset split named by {name, split, config}; builds built-in sets on demand."""
-    args = (spec.name, spec.split, data_dir, spec.get("config") or None)
-    try:
-        source = data.load_source(*args, decode_image=decode_image)
-    except FileNotFoundError:
-        if not (auto_build and spec.name == "synthetic_pedestrians"):
-            raise
-        from reid_jax.data import build
-
-        build.build(spec.name, data_dir, config=args[3])
-        source = data.load_source(*args, decode_image=decode_image)
-    return source, index_lib.split_index(*args)
-
-
-def build_model(config: ml_collections.ConfigDict) -> clip_lib.CLIP:
-    """A converted / PyTorch CLIP checkpoint when config.init_checkpoint is set, else a fresh model."""
-    m = config.model
-    overrides = {"dtype": m.dtype, "remat": m.remat, **m.get("overrides", {}).to_dict()}
-    if config.init_checkpoint:
-        path = Path(config.init_checkpoint).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"config.init_checkpoint={path} does not exist; convert a PyTorch CLIP checkpoint with "
-                f"`python -m reid_jax.convert ViT-B-16.pt {path} --image-size={m.image_size[0]},{m.image_size[1]}`")
-        return clip_lib.load_pretrained(path, image_size=tuple(m.image_size), stride=m.stride,
-                                        posemb_interpolation=m.posemb_interpolation, **overrides)
-    preset = getattr(clip_lib.CLIPConfig, m.preset)(image_size=tuple(m.image_size), stride=m.stride)
-    return clip_lib.CLIP(preset.replace(**overrides), rngs=nnx.Rngs(config.seed))
+from reid_jax.train import common, loop, mesh as mesh_lib, optimizer, visualize
 
 
 class Task:
@@ -66,7 +34,7 @@ class Task:
         if config.nam.mode == "nam" and config.data.caption_mode != "all":
             raise ValueError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
                              "config.data.caption_mode='all'")
-        self.source, self.index = dataset_source(config.data.train, self.data_dir, config.data.auto_build)
+        self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
         self.steps_per_epoch = max(1, self.num_examples // config.data.batch_size)
@@ -75,7 +43,7 @@ class Task:
 
     # ------------------------------------------------------------------------------------------- training
     def init_state(self) -> loop.TrainState:
-        model = build_model(self.config)
+        model = common.build_model(self.config)
         buffers = {}
         if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
@@ -128,7 +96,7 @@ class Task:
             return sum(parts.values()), (parts, sims)
 
         params = ts.trainable()
-        (loss, (parts, sims)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (parts, sims)), grads = ts.value_and_grad(loss_fn, has_aux=True)(params)
         ts.optimizer.update(params, grads)
         if want_sims:
             ts.nam_sims[...] = ts.nam_sims[...].at[index].set(sims.astype(jnp.float16))
@@ -142,7 +110,7 @@ class Task:
         mesh = mesh_lib.make_mesh(self.config.mesh)
         for spec in self.config.eval.datasets:
             name = spec.get("label", spec.name)
-            source, index = dataset_source(spec, self.data_dir, self.config.data.auto_build)
+            source, index = common.dataset_source(spec, self.data_dir, self.config.data.auto_build)
             captions = data.load_source(spec.name, spec.split, self.data_dir, spec.get("config") or None,
                                         decode_image=False)
             img, txt = self._features(model, source, captions, index, mesh)
@@ -161,20 +129,8 @@ class Task:
         encode_img = jax.jit(lambda s, x: nnx.merge(graphdef, s).image_features(x))
         encode_txt = jax.jit(lambda s, x: nnx.merge(graphdef, s).text_features(x))
         bs = cfg.eval.batch_size // shard.count
-        img = _encode_stream(pipeline.eval_images(source, cfg.data, batch_size=bs, shard=shard),
-                             "image", lambda x: encode_img(state, x), mesh)
-        txt = _encode_stream(pipeline.eval_captions(captions, index, cfg.data, batch_size=bs, shard=shard),
-                             "text", lambda x: encode_txt(state, x), mesh)
+        img = common.encode_stream(pipeline.eval_images(source, cfg.data, batch_size=bs, shard=shard),
+                             "image", lambda b: encode_img(state, b["image"]), mesh)
+        txt = common.encode_stream(pipeline.eval_captions(captions, index, cfg.data, batch_size=bs, shard=shard),
+                             "text", lambda b: encode_txt(state, b["text"]), mesh)
         return img, txt
-
-
-def _encode_stream(stream, key: str, encode, mesh) -> dict:
-    """Runs `encode` over batch[key] on the mesh; the valid rows of features and of every other field."""
-    out = {}
-    for batch in stream:
-        arrays = mesh_lib.global_batch(batch, mesh)
-        valid = loop.gather(arrays.pop("valid"))
-        rows = {"feats": loop.gather(encode(arrays.pop(key)))} | {k: loop.gather(v) for k, v in arrays.items()}
-        for k, v in rows.items():
-            out.setdefault(k, []).append(v[valid])
-    return {k: np.concatenate(v) for k, v in out.items()}
