@@ -102,6 +102,36 @@ def read_part_boxes(path: str | Path) -> dict[str, np.ndarray]:
     return boxes
 
 
+def caption_records(path: Path, where: str):
+    """(image, caption, source) per line {"image", "caption", "source"}; the source defaults to the file stem."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            expected = 'expected a JSON object {"image": str, "caption": str, "source": str}'
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadItem(f"{where}:{lineno}: malformed JSON ({e.msg}, column {e.colno}); {expected}")
+                continue
+            if (isinstance(rec, dict) and isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str)
+                    and isinstance(rec.get("source", ""), str)):
+                yield rec["image"], rec["caption"], rec.get("source") or path.stem
+            else:
+                yield BadItem(f"{where}:{lineno}: {expected}; found {line.strip()!r}")
+
+
+def read_captions(path: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """captions.jsonl (`reid_jax.captioning caption` output) -> {image path: [(caption, source), ...]}."""
+    captions: dict[str, list[tuple[str, str]]] = {}
+    for record in caption_records(Path(path), str(path)):
+        if isinstance(record, BadItem):
+            raise record
+        image, caption, source = record
+        captions.setdefault(image, []).append((caption, source))
+    return captions
+
+
 class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of every reid-jax builder; see the module docstring."""
 
@@ -110,11 +140,13 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     DESCRIPTION = ""
     HOMEPAGE = ""
 
-    def __init__(self, *, skip_bad: bool = False, part_boxes: str | Path | None = None, **kwargs):
+    def __init__(self, *, skip_bad: bool = False, part_boxes: str | Path | None = None,
+                 captions: str | Path | None = None, **kwargs):
         kwargs.setdefault("file_format", "array_record")
         super().__init__(**kwargs)
         self._skip_bad = skip_bad
         self._part_boxes_file = part_boxes
+        self._captions_file = captions
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -147,10 +179,12 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         manual_dir = self._manual_dir(dl_manager) if self._needs_manual_dir() else None
         boxes = read_part_boxes(self._part_boxes_file) if self._part_boxes_file else {}
-        return {split: self._checked(split, items, boxes) for split, items in self._examples(manual_dir).items()}
+        captions = read_captions(self._captions_file) if self._captions_file else {}
+        return {split: self._checked(split, items, boxes, captions)
+                for split, items in self._examples(manual_dir).items()}
 
-    def _checked(self, split: str, items: Iterable[tuple[str, dict] | BadItem],
-                 boxes: dict) -> Iterator[tuple[str, dict]]:
+    def _checked(self, split: str, items: Iterable[tuple[str, dict] | BadItem], boxes: dict,
+                 captions: dict) -> Iterator[tuple[str, dict]]:
         count = skipped = 0
         for item in items:
             try:
@@ -168,6 +202,9 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             if ex["file_name"] in boxes:
                 ex["part_boxes"] = boxes[ex["file_name"]]
+            for caption, source in captions.get(ex["file_name"], ()):  # added after the dataset's own
+                ex["captions"] = [*ex["captions"], caption]
+                ex["caption_sources"] = [*ex["caption_sources"], source]
             count += 1
             yield key, ex
         logging.info("%s/%s: %d examples written, %d bad items skipped", self.name, split, count, skipped)

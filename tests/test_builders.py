@@ -107,6 +107,28 @@ def test_part_boxes_from_parts_jsonl(tmp_path):
             np.testing.assert_allclose(ex["part_boxes"], want, rtol=1e-6)
 
 
+def test_captions_from_captioner_jsonl(tmp_path):
+    """--captions adds the captioner's lines (CLIP-SCGI's synthesized captions) to an image-ReID set."""
+    manual, expected = _manual(tmp_path, "market1501")
+    named = "bounding_box_train/0002_c1s1_000451_03.jpg"
+    lines = [{"image": named, "caption": "A man in a red coat.", "source": "llava_static", "template_id": -1},
+             {"image": named, "caption": "He wears black boots.", "source": "llava_template", "template_id": 3}]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    build("market1501", tmp_path / "data", manual, captions=captions)
+    seen = 0
+    for split in expected:
+        for file_name, ex in _read("market1501", split, tmp_path / "data").items():
+            want = [line["caption"] for line in lines] if file_name == named else []
+            assert [c.decode() for c in ex["captions"]] == want
+            assert [s.decode() for s in ex["caption_sources"]] == ([line["source"] for line in lines] if want else [])
+            seen += bool(want)
+    assert seen == 1
+    captions.write_text('{"image": "x.jpg", "caption": 3}\n')
+    with pytest.raises(BadItem, match=r"captions.jsonl:1: expected a JSON object"):
+        build("market1501", tmp_path / "data2", manual, captions=captions)
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_missing_manual_folder_gives_instructions(tmp_path):
     for name in NAMES:

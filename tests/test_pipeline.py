@@ -91,6 +91,24 @@ def test_pk_requires_enough_identities(source, index):
         pipeline.pk_train(source, index, _cfg(pk={"identities": 20, "instances": 2}), seed=0)
 
 
+def test_pk_batches_with_one_of_each_images_captions(source, index):
+    """captions=True (CLIP-SCGI): each image comes with one of its own captions, tokenised; a set without
+    captions says how to add them."""
+    seen = set()
+    for batch in _take(pipeline.pk_train(source, index, _cfg(), seed=0, captions=True), 20):
+        assert batch["text"].shape == (8, 16) and batch["text"].dtype == np.int32
+        for rec_id, ids in zip(batch["image_index"], batch["text"]):
+            own = [tokenizer.tokenize([c.decode()], 16)[0] for c in source[rec_id]["captions"]]
+            hit = [i for i, o in enumerate(own) if np.array_equal(o, ids)]
+            assert hit, (rec_id, ids)
+            seen.add((int(rec_id), hit[0]))
+    assert len({c for _, c in seen}) > 1  # captions are drawn, not always the first
+    assert "text" not in _take(pipeline.pk_train(source, index, _cfg(), seed=0), 1)[0]
+    bare = [dict(r, captions=[]) for r in source]
+    with pytest.raises(ValueError, match="have no caption.*--captions="):
+        pipeline.pk_train(bare, SplitIndex.scan(bare), _cfg(), seed=0, captions=True)
+
+
 def test_hosts_split_the_global_batch(source, index):
     whole = _take(pipeline.pairs_train(source, index, _cfg(), seed=3), 2)
     parts = [_take(pipeline.pairs_train(source, index, _cfg(), seed=3, shard=pipeline.Shard(h, 2)), 2)

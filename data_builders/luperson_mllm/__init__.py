@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from absl import logging
 
 from data_builders.caption_json import load_json
-from data_builders.common import BadItem, ManualDirError, ReIDBuilder, example
+from data_builders.common import BadItem, ManualDirError, ReIDBuilder, caption_records, example
 from data_builders.layout import images_in, require
 
 # A caption holding one of these leaked a template placeholder ("[clothing description]", "<attribute>").
@@ -74,7 +73,7 @@ LUPerson-MLLM/ folder as --manual_dir."""
         for path in files:
             where = path.relative_to(manual_dir).as_posix()
             leaked, unknown = [], []
-            records = _json_records(path, where) if path.suffix == ".json" else _jsonl_records(path, where)
+            records = _json_records(path, where) if path.suffix == ".json" else caption_records(path, where)
             for record in records:
                 if isinstance(record, BadItem):
                     bad.append(record)
@@ -111,22 +110,3 @@ def _json_records(path: Path, where: str):
             yield image, caption, path.stem
         else:
             yield BadItem(f"{where}: {image!r} maps to {caption!r}; expected a caption string")
-
-
-def _jsonl_records(path: Path, where: str):
-    """(image, caption, source) per line {"image", "caption", "source"}; the source defaults to the file stem."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            expected = 'expected a JSON object {"image": str, "caption": str, "source": str}'
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadItem(f"{where}:{lineno}: malformed JSON ({e.msg}, column {e.colno}); {expected}")
-                continue
-            if (isinstance(rec, dict) and isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str)
-                    and isinstance(rec.get("source", ""), str)):
-                yield rec["image"], rec["caption"], rec.get("source") or path.stem
-            else:
-                yield BadItem(f"{where}:{lineno}: {expected}; found {line.strip()!r}")

@@ -21,11 +21,13 @@ def _define_flags() -> None:
     flags.DEFINE_string("config", None, "builder config (e.g. small/demo for synthetic_pedestrians)")
     flags.DEFINE_bool("skip_bad", False, "skip corrupt images and malformed entries, counting them")
     flags.DEFINE_string("part_boxes", None, "parts.jsonl from `reid_jax.captioning ground`")
+    flags.DEFINE_string("captions", None, "captions.jsonl from `reid_jax.captioning caption` (added to each image's "
+                        "captions; for image-ReID sets, CLIP-SCGI's synthesized captions)")
 
 
-def build(name: str, data_dir, manual_dir=None, config=None, skip_bad=False, part_boxes=None):
+def build(name: str, data_dir, manual_dir=None, config=None, skip_bad=False, part_boxes=None, captions=None):
     """Builds dataset `name` into data_dir; returns the builder."""
-    b = data.builder(name, data_dir, config, skip_bad=skip_bad, part_boxes=part_boxes)
+    b = data.builder(name, data_dir, config, skip_bad=skip_bad, part_boxes=part_boxes, captions=captions)
     download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
     b.download_and_prepare(download_config=download_config)
     return b
@@ -38,7 +40,7 @@ def main(argv):
         return 2
     try:
         f = flags.FLAGS
-        b = build(argv[1], f.data_dir, f.manual_dir, f.config, f.skip_bad, f.part_boxes)
+        b = build(argv[1], f.data_dir, f.manual_dir, f.config, f.skip_bad, f.part_boxes, f.captions)
     except (BadItem, ManualDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -106,18 +106,22 @@ def _load_pairs(source, examples, labels, cfg, seed: int, items: np.ndarray) -> 
             "image_index": record_ids.astype(np.int32)}
 
 
-def _load_images(source, labels, cfg, seed: int, items: np.ndarray) -> dict:
-    """[B, 2] (stream position, record id) -> a batch of augmented images (image ReID)."""
+def _load_images(source, labels, cfg, seed: int, captions: bool, items: np.ndarray) -> dict:
+    """[B, 2] (stream position, record id) -> a batch of augmented images (image ReID), with one tokenised caption
+    drawn per image visit if `captions`."""
     positions, record_ids = items[:, 0], items[:, 1]
-    images, boxes, camids = [], [], []
+    images, boxes, camids, texts = [], [], [], []
     for rec, rng in zip(_read(source, record_ids), _example_rngs(seed, positions)):
         image, box = _augment(rec, cfg, rng)
         images.append(image)
         boxes.append(box)
         camids.append(rec["camid"])
-    return {"image": np.stack(images), "pid": labels[record_ids], "camid": np.asarray(camids, np.int32),
-            "part_boxes": np.stack(boxes), "index": record_ids.astype(np.int32),
-            "image_index": record_ids.astype(np.int32)}
+        if captions:
+            texts.append(_text(rec["captions"][int(rng.integers(len(rec["captions"])))]))
+    batch = {"image": np.stack(images), "pid": labels[record_ids], "camid": np.asarray(camids, np.int32),
+             "part_boxes": np.stack(boxes), "index": record_ids.astype(np.int32),
+             "image_index": record_ids.astype(np.int32)}
+    return batch | ({"text": tokenizer.tokenize(texts, cfg.context_length)} if captions else {})
 
 
 def _train_labels(index: SplitIndex, records: np.ndarray) -> np.ndarray:
@@ -153,9 +157,14 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
 
 
 def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
-             subset: np.ndarray | None = None) -> grain.IterDataset:
-    """Identity-balanced batches of P x K images; an epoch is len(records) // (P * K) batches."""
+             subset: np.ndarray | None = None, captions: bool = False) -> grain.IterDataset:
+    """Identity-balanced batches of P x K images; an epoch is len(records) // (P * K) batches. `captions`: add
+    one of each image's captions, drawn per visit (`text`, int32 [B, cfg.context_length])."""
     records = np.arange(len(index)) if subset is None else np.asarray(subset)
+    if captions and np.any(index.num_captions[records] == 0):
+        missing = int(np.sum(index.num_captions[records] == 0))
+        raise ValueError(f"{missing} of the {len(records)} training images have no caption; build the dataset with "
+                         f"captions (`python -m reid_jax.data.build NAME ... --captions=captions.jsonl`)")
     labels = _train_labels(index, records)
     order = np.argsort(labels[records], kind="stable")
     groups = np.split(records[order], np.flatnonzero(np.diff(labels[records][order])) + 1)
@@ -167,7 +176,7 @@ def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed:
     ds = grain.MapDataset.range(max(1, len(records) // batch)).repeat(cfg.num_epochs)
     ds = ds.random_map(lambda _, rng: pk_batch(groups, p, k, rng), seed=seed)
     ds = ds.map_with_index(lambda b, ids: np.stack([b * batch + np.arange(batch), ids], axis=1)[rows])
-    ds = ds.map(partial(_load_images, source, labels, cfg, seed))
+    ds = ds.map(partial(_load_images, source, labels, cfg, seed, captions))
     return _to_iter(ds, cfg.num_workers)
 
 
