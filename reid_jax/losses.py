@@ -63,3 +63,21 @@ def mlm(logits: jax.Array, labels: jax.Array) -> jax.Array:
     mask = labels > 0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(mask.sum(), 1)
+
+
+def euclidean_dist(x: jax.Array, y: jax.Array) -> jax.Array:
+    """[M, D], [N, D] -> [M, N] Euclidean distances, sqrt(max(|x|^2 + |y|^2 - 2 x.y, 1e-12)) as CLIP-ReID's."""
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    d2 = jnp.sum(x * x, 1)[:, None] + jnp.sum(y * y, 1)[None] - 2.0 * x @ y.T
+    return jnp.sqrt(jnp.maximum(d2, 1e-12))
+
+
+def triplet_hard(feats: jax.Array, pids: jax.Array, margin: float = 0.3) -> jax.Array:
+    """Batch-hard triplet loss (Hermans et al.; CLIP-ReID's TripletLoss with hard example mining): for each anchor
+    the farthest positive and the nearest negative by Euclidean distance, mean of max(0, d_ap - d_an + margin).
+    feats [B, D] (not normalised), pids [B]; every anchor needs a negative in the batch (PK sampling)."""
+    dist = euclidean_dist(feats, feats)
+    same = pids[:, None] == pids[None, :]
+    d_ap = jnp.max(jnp.where(same, dist, -jnp.inf), axis=1)
+    d_an = jnp.min(jnp.where(same, jnp.inf, dist), axis=1)
+    return jnp.mean(jnp.maximum(d_ap - d_an + margin, 0.0))

@@ -24,7 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and pictures go", required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate) or only evaluate")
 
-TASKS = {"tde_nam": "reid_jax.train.tde_nam"}  # config.method -> module with a `Task(config, workdir)`
+# config.method -> module with a `Task(config, workdir)`
+TASKS = {"tde_nam": "reid_jax.train.tde_nam", "scgi": "reid_jax.train.scgi"}
 
 
 def make_task(config, workdir: Path):

@@ -267,8 +267,9 @@ class VisionTower(nnx.Module):
         self.ln_post = LayerNorm(v.width, cfg, rngs=rngs)
         self.proj = nnx.Param(_normal(scale)(rngs.params(), (v.width, cfg.embed_dim)))
 
-    def embed(self, images: Array) -> Array:
-        """images: [B, H, W, 3] normalised -> tokens [B, 1 + extra + gh*gw, D] after ln_pre."""
+    def embed(self, images: Array, cls_offset: Array | None = None) -> Array:
+        """images: [B, H, W, 3] normalised -> tokens [B, 1 + extra + gh*gw, D] after ln_pre. `cls_offset` [B, D] is
+        added to the CLS token before ln_pre (CLIP-ReID's camera embedding, SIE)."""
         if tuple(images.shape[1:]) != (*self.cfg.image_size, 3):
             raise ValueError(f"images must be [B, {self.cfg.image_size[0]}, {self.cfg.image_size[1]}, 3] (NHWC) "
                              f"for this model, got {list(images.shape)}; resize them or build the model with "
@@ -277,18 +278,18 @@ class VisionTower(nnx.Module):
         b = patches.shape[0]
         patches = patches.reshape(b, -1, self.cfg.width)
         pos = self.positional_embedding[...]
-        cls = (self.class_embedding[...] + pos[0])[None, None]
-        tokens = [jnp.broadcast_to(cls, (b, 1, self.cfg.width))]
+        cls = jnp.broadcast_to((self.class_embedding[...] + pos[0])[None, None], (b, 1, self.cfg.width))
+        tokens = [cls if cls_offset is None else cls + cls_offset[:, None]]
         if self.cfg.num_extra_tokens:  # part tokens share CLS's position (MUVA)
             extra = (self.extra_tokens[...] + pos[0])[None]
             tokens.append(jnp.broadcast_to(extra, (b, *extra.shape[1:])))
         tokens.append(patches + pos[1:][None])
         return self.ln_pre(jnp.concatenate([t.astype(self.dtype) for t in tokens], axis=1))
 
-    def __call__(self, images: Array, attn_bias: AttnBias = None,
-                 return_layers: bool = False) -> tuple[Array, tuple[Array, ...]]:
+    def __call__(self, images: Array, attn_bias: AttnBias = None, return_layers: bool = False,
+                 cls_offset: Array | None = None) -> tuple[Array, tuple[Array, ...]]:
         """images: [B, H, W, 3] -> (tokens [B, T, D] before ln_post, per-block tokens if return_layers)."""
-        return self.transformer(self.embed(images), attn_bias, return_layers=return_layers)
+        return self.transformer(self.embed(images, cls_offset), attn_bias, return_layers=return_layers)
 
     def project(self, tokens: Array) -> Array:
         """[..., D] tokens (any layer) -> [..., embed_dim] through ln_post and proj."""

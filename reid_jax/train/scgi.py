@@ -1,0 +1,191 @@
+"""CLIP-SCGI (Han et al.): image ReID on the CLIP-ReID baseline, guided by synthesized captions.
+
+One training step on a P x K batch of images with one caption each (ALGORITHMS.md section 4):
+  baseline  ID (BNNeck classifiers on ln_post(CLS) and its projection, label smoothing) + batch-hard triplet (on the
+            second-to-last block's CLS, ln_post(CLS) and the projection) + image-to-text CE of the projection
+            against per-identity text prototypes (the mean text feature of the identity's captions, computed once
+            with the frozen text tower; CLIP-ReID's second stage with captions in place of learned prompts);
+  + CGI     the image (guided by its caption) -> pseudo-words -> "A photo of a * person." through the frozen text
+            tower; its feature is aligned with the caption's and the image's (`models/cgi.py`);
+  + CFF     CLS attends to [pseudo-words; patches]; the fused feature gets its own BNNeck ID and triplet losses
+            (`models/cff.py`).
+Inference: the image encoder alone (CLS ++ projection, before the BNNecks); `evaluate.image_reid`, optionally
+k-reciprocal re-ranked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from reid_jax import data, evaluate, losses, rerank
+from reid_jax.data import pipeline
+from reid_jax.models import cgi as cgi_lib
+from reid_jax.models import prompts
+from reid_jax.models.cff import CFF
+from reid_jax.models.clip_reid import CLIPReID
+from reid_jax.models.heads import BNNeck
+from reid_jax.train import common, loop, mesh as mesh_lib, optimizer, visualize
+
+
+class SCGIHeads(nnx.Module):
+    """Training-only modules: the BNNecks of the baseline, CGI, and CFF with its own BNNeck."""
+
+    def __init__(self, model: CLIPReID, num_classes: int, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        cfg = model.clip.config
+        self.neck = BNNeck(cfg.vision.width, num_classes, rngs=rngs)
+        self.neck_proj = BNNeck(cfg.embed_dim, num_classes, rngs=rngs)
+        self.cgi = (cgi_lib.CGI(cfg, config.cgi.num_queries, config.cgi.depth, config.cgi.guidance, rngs=rngs)
+                    if config.cgi.enabled else None)
+        self.cff = CFF(cfg, config.cff.depth, rngs=rngs) if config.cff.enabled else None
+        self.neck_fuse = BNNeck(cfg.vision.width, num_classes, rngs=rngs) if config.cff.enabled else None
+
+
+class Task:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config = config
+        if config.cff.enabled and not config.cgi.enabled:
+            raise ValueError("config.cff.enabled needs config.cgi.enabled: CFF fuses CGI's pseudo-words")
+        if config.loss.i2t_mode not in ("prototypes", "batch"):
+            raise ValueError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got {config.loss.i2t_mode!r}")
+        self.data_dir = Path(config.data.data_dir or Path(workdir) / "data").expanduser()
+        self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
+        self.num_classes = len(np.unique(self.index.pids))
+        self.num_cameras = int(self.index.camids.max()) + 1 if config.model.sie else 0
+        pk = config.data.pk
+        if pk.identities * pk.instances != config.data.batch_size:
+            raise ValueError(f"config.data.batch_size={config.data.batch_size} must equal config.data.pk.identities "
+                             f"x instances = {pk.identities} x {pk.instances}")
+        self.steps_per_epoch = max(1, len(self.index) // config.data.batch_size)
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
+        self.uses_captions = config.cgi.enabled or bool(config.loss.i2t_weight)
+        self.prompt_ids, self.prompt_slots = prompts.prompt_ids(
+            config.cgi.prompt, config.cgi.num_queries, config.data.context_length)
+
+    # ------------------------------------------------------------------------------------------- training
+    def init_state(self) -> loop.TrainState:
+        cfg = self.config
+        model = CLIPReID(common.build_model(cfg), self.num_cameras, cfg.model.sie_coe, rngs=nnx.Rngs(cfg.seed + 1))
+        heads = SCGIHeads(model, self.num_classes, cfg, rngs=nnx.Rngs(cfg.seed + 2))
+        buffers = {}
+        if cfg.loss.i2t_weight and cfg.loss.i2t_mode == "prototypes":
+            buffers["text_protos"] = self._text_prototypes(model.clip)
+        return loop.TrainState(model, self.tx, buffers, heads, frozen=cfg.optim.frozen)
+
+    def _text_prototypes(self, clip) -> jax.Array:
+        """[C, E]: per training identity, the mean text feature of its images' captions (frozen text tower)."""
+        cfg = self.config
+        captions = data.load_source(cfg.data.train.name, cfg.data.train.split, self.data_dir,
+                                    cfg.data.train.get("config") or None, decode_image=False)
+        graphdef, state = nnx.split(clip)
+        encode = jax.jit(lambda s, ids: nnx.merge(graphdef, s).text_features(ids))
+        stream = pipeline.eval_captions(captions, self.index, cfg.data, batch_size=cfg.eval.batch_size)
+        feats, pids = [], []
+        for batch in stream:
+            valid = batch["valid"]
+            feats.append(np.asarray(encode(state, batch["text"]))[valid])
+            pids.append(batch["pid"][valid])
+        labels = np.searchsorted(np.unique(self.index.pids), np.concatenate(pids))
+        feats = np.concatenate(feats)
+        sums = np.zeros((self.num_classes, feats.shape[1]), np.float64)
+        np.add.at(sums, labels, feats)
+        return jnp.asarray(sums / np.maximum(np.bincount(labels, minlength=self.num_classes), 1)[:, None],
+                           jnp.float32)
+
+    def train_stream(self, shard):
+        return pipeline.pk_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard,
+                                 captions=self.uses_captions)
+
+    def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
+        del rng  # deterministic step: all randomness is in the data stream
+        cfg = self.config
+        lw, pid = cfg.loss, batch["pid"]
+
+        def id_and_triplet(neck, feats):
+            _, logits = neck(feats)
+            return losses.cross_entropy(logits, pid, lw.id_label_smoothing), losses.triplet_hard(feats, pid, lw.margin)
+
+        def loss_fn(params: loop.Trainable):
+            model, heads = params.model, params.heads
+            f = model.encode(batch["image"], batch["camid"] if self.num_cameras else None)
+            id_cls, tri_cls = id_and_triplet(heads.neck, f["cls"])
+            id_proj, tri_proj = id_and_triplet(heads.neck_proj, f["proj"])
+            parts = {"id": lw.id_weight * (id_cls + id_proj),
+                     "triplet": lw.triplet_weight * (losses.triplet_hard(f["last"], pid, lw.margin) + tri_cls
+                                                     + tri_proj)}
+            if self.uses_captions:
+                clip = model.clip
+                cap_tokens, _ = clip.text(batch["text"])
+                cap_tokens = clip.text.project(cap_tokens)  # [B, L, E]
+                eot = clip.text.eot_index(batch["text"])
+                cap_feat = jnp.take_along_axis(cap_tokens, eot[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+            if lw.i2t_weight:
+                if cfg.loss.i2t_mode == "prototypes":
+                    i2t = losses.cross_entropy(f["proj"] @ ts.text_protos[...].T, pid, lw.i2t_label_smoothing)
+                else:  # a text tower trained along (from scratch): match the batch's captions, identity-aware
+                    i2t = losses.sdm(f["proj"], cap_feat, pid, lw.i2t_logit_scale)
+                parts["i2t"] = lw.i2t_weight * i2t
+            if cfg.cgi.enabled:
+                img_tokens = clip.visual.project(f["tokens"])
+                if cfg.cgi.detach_image:
+                    img_tokens = jax.lax.stop_gradient(img_tokens)
+                words = heads.cgi(img_tokens, cap_tokens, cgi_lib.caption_mask(batch["text"]))
+                prompt = prompts.prompt_features(clip, words, self.prompt_ids, self.prompt_slots)
+                parts["cgi"] = (lw.cgi_text_weight * losses.sdm(prompt, cap_feat, pid, lw.cgi_logit_scale)
+                                + lw.cgi_image_weight * losses.sdm(f["proj"], prompt, pid, lw.cgi_logit_scale))
+            if cfg.cff.enabled:
+                if cfg.cff.detach_words:
+                    words = jax.lax.stop_gradient(words)
+                fused = heads.cff(f["tokens"][:, 0], f["tokens"][:, 1:], words)
+                id_fuse, tri_fuse = id_and_triplet(heads.neck_fuse, fused)
+                parts["cff"] = lw.cff_weight * (lw.id_weight * id_fuse + lw.triplet_weight * tri_fuse)
+            return sum(parts.values()), parts
+
+        params = ts.trainable()
+        (loss, parts), grads = ts.value_and_grad(loss_fn, has_aux=True)(params)
+        ts.optimizer.update(params, grads)
+        return {"loss": loss} | {f"loss_{k}": v for k, v in parts.items()}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, model: CLIPReID, step: int, workdir: Path) -> dict:
+        cfg = self.config
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+        graphdef, state = nnx.split(model)
+        encode = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).image_features(x, c if self.num_cameras else None))
+        results = {}
+        for spec in cfg.eval.datasets:
+            q, g = (self._features(spec, split, lambda b: encode(state, b["image"], b["camid"]), mesh)
+                    for split in (spec.query, spec.gallery))
+            metrics = evaluate.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"])
+            results.update({f"eval/{spec.label}/{k}": v for k, v in metrics.items()
+                            if k not in ("cmc", "num_queries")})
+            if cfg.eval.rerank.enabled:
+                rr = cfg.eval.rerank
+                dist = rerank.k_reciprocal(q["feats"], g["feats"], rr.k1, rr.k2, rr.lambda_value)
+                metrics = evaluate.image_reid(None, q["pid"], q["camid"], None, g["pid"], g["camid"], distances=dist)
+                results.update({f"eval/{spec.label}+rerank/{k}": v for k, v in metrics.items()
+                                if k not in ("cmc", "num_queries")})
+            if jax.process_index() == 0 and cfg.eval.png_queries:
+                visualize.image_retrieval_png(Path(workdir) / f"retrieval_{spec.label}_{step}.png",
+                                              q["source"], g["source"], q, g, cfg.eval.png_queries)
+        return results
+
+    def _features(self, spec, split: str, encode, mesh) -> dict:
+        """One split of an evaluation set encoded on the mesh: {'feats', 'pid', 'camid', 'image_index', 'source'}."""
+        cfg = self.config
+        source, index = common.dataset_source(ml_collections.ConfigDict(dict(spec.to_dict(), split=split)),
+                                              self.data_dir, cfg.data.auto_build)
+        if self.num_cameras and index.camids.max() >= self.num_cameras:
+            raise ValueError(f"{spec.name}/{split} has camera ids up to {int(index.camids.max())} but the model's "
+                             f"camera embedding has {self.num_cameras} (the training set's); set "
+                             f"config.model.sie=False for sets with other cameras")
+        shard = pipeline.Shard.from_jax()
+        stream = pipeline.eval_images(source, cfg.data, batch_size=cfg.eval.batch_size // shard.count, shard=shard)
+        return common.encode_stream(stream, "image", encode, mesh) | {"source": source}
+

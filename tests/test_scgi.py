@@ -1,0 +1,292 @@
+"""CLIP-SCGI: its modules (CGI, CFF, the CLIP-ReID image model, BNNeck) against written-out references, its
+losses against numpy, the trainer's step (frozen text tower, sharded == single device), and inference that never
+touches the text tower."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from reid_jax import losses, tokenizer
+from reid_jax.models import cgi as cgi_lib
+from reid_jax.models import prompts
+from reid_jax.models import clip as clip_lib
+from reid_jax.models.attention import CrossAttention
+from reid_jax.models.cff import CFF
+from reid_jax.models.clip_reid import CLIPReID
+from reid_jax.models.heads import BatchNorm1d
+from reid_jax.train import loop
+from tests import sharding
+from tests.params import perturb
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = clip_lib.CLIPConfig.tiny(image_size=(32, 16), stride=4)  # 8x4 grid, width 32, text width 32, embed 24
+
+
+def tiny_config(data_dir, variant: str = "demo"):
+    """configs/scgi.py's variant on the `small` synthetic set with a tiny model."""
+    spec = importlib.util.spec_from_file_location("scgi_config", ROOT / "configs" / "scgi.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(variant)
+    c.data.data_dir = str(data_dir)
+    c.data.train = module._dataset("synthetic_pedestrians", "train", "small")
+    c.eval.datasets = [module._test_set("synthetic_pedestrians", "small", label="synthetic")]
+    c.model.update({"preset": "tiny", "image_size": (64, 32), "stride": 16, "dtype": "float32"})
+    c.model.overrides = {"vision": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "patch_size": 16},
+                         "text": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "context_length": 48},
+                         "embed_dim": 24}
+    c.data.update({"batch_size": 16, "context_length": 48, "num_workers": 0})
+    c.data.pk.update({"identities": 4, "instances": 4})
+    c.data.aug.update({"pad": 2})
+    c.train.update({"epochs": 1, "log_every": 1, "checkpoint_every_steps": 100})
+    c.eval.update({"every_epochs": 1, "batch_size": 32, "png_queries": 2})
+    # Adam eps 1e-3 (the TDE paper's): parameters whose true gradient is exactly 0 (the key part of an attention
+    # in-projection bias; a shift that a BatchNorm removes) would turn reduction-order noise into +-lr steps
+    c.optim.update({"lr": 1e-3, "warmup_epochs": 0.0, "eps": 1e-3})
+    c.mesh.fsdp_min_size = 256
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from reid_jax.data import build
+
+    d = tmp_path_factory.mktemp("tfds")
+    build.build("synthetic_pedestrians", d, config="small")
+    return d
+
+
+def _ids(texts, length=16):
+    return jnp.asarray(tokenizer.tokenize(texts, length))
+
+
+# ------------------------------------------------------------------------------------------------- modules
+def test_cross_attention_matches_torch_with_a_key_mask():
+    """torch.nn.MultiheadAttention (fused in_proj, batch first) with key_padding_mask as the reference."""
+    rng = np.random.default_rng(0)
+    ours = perturb(CrossAttention(16, 4, 0.1, jnp.float32, rngs=nnx.Rngs(0)), seed=1)
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.from_numpy(np.asarray(ours.in_proj.kernel[...]).T))
+        ref.in_proj_bias.copy_(torch.from_numpy(np.asarray(ours.in_proj.bias[...])))
+        ref.out_proj.weight.copy_(torch.from_numpy(np.asarray(ours.out_proj.kernel[...]).T))
+        ref.out_proj.bias.copy_(torch.from_numpy(np.asarray(ours.out_proj.bias[...])))
+    q, kv = rng.normal(size=(3, 5, 16)).astype(np.float32), rng.normal(size=(3, 7, 16)).astype(np.float32)
+    keep = np.ones((3, 7), bool)
+    keep[0, 4:], keep[2, 1:] = False, False
+    want = ref(torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(kv),
+               key_padding_mask=torch.from_numpy(~keep), need_weights=False)[0].detach().numpy()
+    got = ours(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(keep))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm1d_matches_torch_in_training_and_eval():
+    rng = np.random.default_rng(1)
+    ours, ref = BatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    ours.scale[...] = jnp.asarray(rng.normal(size=6), jnp.float32)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(np.asarray(ours.scale[...])))
+        ref.bias.zero_()
+    for _ in range(3):
+        x = rng.normal(2.0, 3.0, size=(8, 6)).astype(np.float32)
+        np.testing.assert_allclose(ours(jnp.asarray(x)), ref(torch.from_numpy(x)).detach().numpy(), rtol=1e-4,
+                                   atol=1e-5)
+    np.testing.assert_allclose(ours.mean[...], ref.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(ours.var[...], ref.running_var.numpy(), rtol=1e-5)  # unbiased, as torch
+    ours.eval()
+    ref.eval()
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    np.testing.assert_allclose(ours(jnp.asarray(x)), ref(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_triplet_hard_matches_numpy():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(12, 5)).astype(np.float32)
+    pids = np.repeat(np.arange(3), 4)
+    losses_ = []
+    for i in range(12):
+        d = np.sqrt(((feats[i] - feats) ** 2).sum(1))
+        d_ap, d_an = d[pids == pids[i]].max(), d[pids != pids[i]].min()
+        losses_.append(max(0.0, d_ap - d_an + 0.3))
+    got = losses.triplet_hard(jnp.asarray(feats), jnp.asarray(pids), 0.3)
+    np.testing.assert_allclose(float(got), np.mean(losses_), rtol=1e-5)
+    assert float(got) > 0  # the random batch has violations: the check is not vacuous
+
+
+def test_clip_reid_features_and_camera_embedding():
+    model = perturb(CLIPReID(clip_lib.CLIP(CFG, rngs=nnx.Rngs(0)), num_cameras=3, rngs=nnx.Rngs(1)), seed=2)
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 16, 3)), jnp.float32)
+    cams = jnp.asarray([0, 2])
+    f = model.encode(images, cams)
+    visual = model.clip.visual
+    pos = visual.positional_embedding[...]
+    patches = visual.conv1(images).reshape(2, -1, CFG.vision.width) + pos[1:]
+    cls = visual.class_embedding[...] + pos[0] + model.cam_embed[...][cams]  # the camera row joins CLS only
+    x = visual.ln_pre(jnp.concatenate([cls[:, None], patches], axis=1))
+    tokens, layers = visual.transformer(x, return_layers=True)
+    np.testing.assert_allclose(f["tokens"], tokens, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f["last"], layers[-2][:, 0], rtol=1e-5, atol=1e-5)
+    cls = visual.ln_post(tokens[:, 0])
+    np.testing.assert_allclose(f["cls"], cls, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f["proj"], cls @ visual.proj[...], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.image_features(images, cams), np.concatenate([f["cls"], f["proj"]], 1),
+                               rtol=1e-6)
+    assert not np.allclose(model.image_features(images, jnp.asarray([1, 1])), model.image_features(images, cams))
+
+
+def test_inference_never_touches_the_text_tower():
+    """Every text-tower parameter set to NaN: the image features stay finite and unchanged."""
+    model = perturb(CLIPReID(clip_lib.CLIP(CFG, rngs=nnx.Rngs(0)), num_cameras=2, rngs=nnx.Rngs(1)), seed=4)
+    images = jnp.asarray(np.random.default_rng(5).normal(size=(3, 32, 16, 3)), jnp.float32)
+    cams = jnp.asarray([0, 1, 0])
+    before = np.asarray(model.image_features(images, cams))
+    text = nnx.state(model.clip.text, nnx.Param)
+    nnx.update(model.clip.text, jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), text))
+    model.clip.logit_scale[...] = jnp.nan
+    after = np.asarray(jax.jit(lambda m, x, c: m.image_features(x, c))(model, images, cams))
+    assert np.isfinite(after).all()
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)  # jitted vs eager rounding only
+
+
+def test_cgi_shapes_gradients_and_caption_guidance():
+    cgi = perturb(cgi_lib.CGI(CFG, num_queries=3, depth=2, rngs=nnx.Rngs(0)), seed=1)
+    rng = np.random.default_rng(6)
+    img = jnp.asarray(rng.normal(size=(2, 9, CFG.embed_dim)), jnp.float32)
+    ids = _ids(["a man in a red coat", "a woman with black hair"])
+    cap = jnp.asarray(rng.normal(size=(2, 16, CFG.embed_dim)), jnp.float32)
+    mask = cgi_lib.caption_mask(ids)
+    np.testing.assert_array_equal(mask, np.asarray(ids) > 0)  # SOT..EOT are the non-pad positions
+    words = cgi(img, cap, mask)
+    assert words.shape == (2, 3, CFG.text.width)
+    # padding after EOT is ignored; a real caption token is not
+    eot = int(np.argmax(np.asarray(ids)[0]))
+    np.testing.assert_allclose(cgi(img, cap.at[0, eot + 1:].set(7.0), mask), words, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(cgi(img, cap.at[0, 2].set(7.0), mask)[0], words[0], atol=1e-4)
+    np.testing.assert_allclose(cgi(img, cap.at[0, 2].set(7.0), mask)[1], words[1], rtol=1e-5, atol=1e-6)
+    # gradients reach the queries, every block and the image tokens
+    grads = nnx.grad(lambda m: jnp.sum(m(img, cap, mask) ** 2))(cgi)
+    for path, g in nnx.to_flat_state(grads):
+        assert np.isfinite(g[...]).all() and np.abs(g[...]).max() > 0, path
+    g_img = jax.grad(lambda x: jnp.sum(cgi(x, cap, mask) ** 2))(img)
+    assert np.abs(g_img).max() > 0
+    unguided = cgi_lib.CGI(CFG, num_queries=3, depth=2, guidance="none", rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(unguided(img, cap, mask), unguided(img, cap * 2, mask))
+
+
+def test_prompt_slots_hold_the_pseudo_words():
+    """Filling the slots with the '*' token's own embedding gives the plain prompt's text feature."""
+    clip = perturb(clip_lib.CLIP(CFG, rngs=nnx.Rngs(0)), seed=7)
+    ids, slots = prompts.prompt_ids("A photo of a * person.", 3, CFG.text.context_length)
+    assert len(slots) == 3 and np.all(np.diff(slots) == 1) and ids[-1] == np.max(ids)  # trimmed after EOT
+    star = clip.text.token_embedding(jnp.asarray(ids[slots]))  # [3, Dt]
+    words = jnp.broadcast_to(star, (2, 3, CFG.text.width))
+    want = clip.text_features(jnp.asarray(tokenizer.tokenize(["A photo of a * * * person."],
+                                                             CFG.text.context_length)))
+    got = prompts.prompt_features(clip, words, ids, slots)
+    np.testing.assert_allclose(got, np.repeat(np.asarray(want), 2, 0), rtol=1e-5, atol=1e-5)
+    other = prompts.prompt_features(clip, words.at[1].multiply(2.0), ids, slots)
+    assert not np.allclose(other[1], got[1], atol=1e-4)
+    with pytest.raises(ValueError, match="exactly one"):
+        prompts.prompt_ids("A photo of a person.", 3, 16)
+
+
+def test_cff_shapes_and_gradients():
+    cff = perturb(CFF(CFG, depth=2, rngs=nnx.Rngs(0)), seed=2)
+    rng = np.random.default_rng(8)
+    cls = jnp.asarray(rng.normal(size=(2, CFG.vision.width)), jnp.float32)
+    patches = jnp.asarray(rng.normal(size=(2, 32, CFG.vision.width)), jnp.float32)
+    words = jnp.asarray(rng.normal(size=(2, 3, CFG.text.width)), jnp.float32)
+    fused = cff(cls, patches, words)
+    assert fused.shape == (2, CFG.vision.width) and fused.dtype == jnp.float32
+    for i, g in enumerate(jax.grad(lambda *a: jnp.sum(cff(*a) ** 2), argnums=(0, 1, 2))(cls, patches, words)):
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, i
+    # each sample fuses its own words only
+    np.testing.assert_allclose(cff(cls, patches, words.at[1].set(0.0))[0], fused[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _step(task, ts_state, graphdef, batch):
+    @jax.jit
+    def step(state, batch):
+        ts = nnx.merge(graphdef, state)
+        metrics = task.train_step(ts, batch, jax.random.key(0))
+        return nnx.state(ts), metrics
+
+    return step(ts_state, batch)
+
+
+def test_paper_step_freezes_the_text_tower_and_trains_cgi_and_cff(data_dir, tmp_path):
+    """The paper's recipe (frozen text tower, per-identity text prototypes) on a tiny model: one step."""
+    from reid_jax.data.pipeline import Shard
+    from reid_jax.train import scgi
+
+    c = tiny_config(data_dir, "market1501")
+    task = scgi.Task(c, tmp_path)
+    ts = task.init_state()
+    assert ts.text_protos.shape == (task.num_classes, 24)
+    graphdef, state = nnx.split(ts)
+    before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(ts, nnx.Param))}
+    batch = next(iter(task.train_stream(Shard())))
+    assert batch["text"].shape == (16, 48) and len(np.unique(batch["pid"])) == 4
+    state, metrics = _step(task, state, graphdef, batch)
+    parts = {k: float(v) for k, v in metrics.items() if k.startswith("loss_")}
+    assert set(parts) == {"loss_id", "loss_triplet", "loss_i2t", "loss_cgi", "loss_cff"}
+    np.testing.assert_allclose(float(metrics["loss"]), sum(parts.values()), rtol=1e-5)
+    after = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, state), nnx.Param)))
+    moved = {".".join(map(str, k)) for k, v in before.items() if not np.array_equal(v, after[k][...])}
+    assert not any(name.startswith("model.clip.text.") for name in moved)
+    for prefix in ("model.clip.visual.", "model.cam_embed", "heads.cgi.", "heads.cff.", "heads.neck_fuse."):
+        assert any(name.startswith(prefix) for name in moved), prefix
+    opt = nnx.to_flat_state(nnx.state(nnx.merge(graphdef, state).optimizer))
+    assert not any("text" in ".".join(map(str, k)) for k, _ in opt)  # no optimizer state for frozen parameters
+
+
+def test_text_prototypes_are_mean_caption_features(data_dir, tmp_path):
+    from reid_jax import data
+    from reid_jax.train import scgi
+
+    task = scgi.Task(tiny_config(data_dir, "market1501"), tmp_path)
+    clip = task.init_state().model.clip
+    source = data.load_source("synthetic_pedestrians", "train", data_dir, "small", decode_image=False)
+    by_pid = {}
+    for rec in source:
+        for cap in rec["captions"]:
+            by_pid.setdefault(int(rec["pid"]), []).append(cap.decode())
+    want = [np.mean(clip.encode_text(tokenizer.tokenize(caps, 48)), axis=0) for _, caps in sorted(by_pid.items())]
+    np.testing.assert_allclose(task._text_prototypes(clip), np.stack(want), rtol=1e-4, atol=1e-5)
+
+
+def sharded_config(data_dir):
+    """tiny_config at the paper's base lr scale (1e-4 here; CGI/CFF 10x, biases 2x): parameters move by ~1e-3
+    per step, so a 1e-5 agreement is a real one."""
+    c = tiny_config(data_dir)
+    c.optim.lr = 1e-4
+    return c
+
+
+def test_sharded_step_equals_single_device_step(data_dir, tmp_path):
+    sharding.assert_sharded_step_equals_single("tests.test_scgi", "sharded_config", "scgi", data_dir, tmp_path)
+
+
+def test_demo_recipe_runs_and_evaluates(data_dir, tmp_path):
+    """The demo's recipe (text tower trained along, i2t against the batch's captions) through loop.fit: metrics,
+    re-ranked metrics, the retrieval picture, the best checkpoint."""
+    from reid_jax.train import scgi
+
+    c = tiny_config(data_dir, "demo")
+    c.eval.rerank.enabled = True
+    loop.fit(c, tmp_path, scgi.Task(c, tmp_path))
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "eval/synthetic/mAP" in r][-1]
+    for key in ("R1", "R5", "R10", "mAP", "mINP"):
+        assert 0 <= last[f"eval/synthetic/{key}"] <= 100 and f"eval/synthetic+rerank/{key}" in last
+    assert any("train/loss_cff" in r for r in records)
+    assert list(tmp_path.glob("retrieval_synthetic_*.png")) and (tmp_path / "best" / "synthetic").exists()
