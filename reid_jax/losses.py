@@ -81,3 +81,21 @@ def triplet_hard(feats: jax.Array, pids: jax.Array, margin: float = 0.3) -> jax.
     d_ap = jnp.max(jnp.where(same, dist, -jnp.inf), axis=1)
     d_an = jnp.min(jnp.where(same, jnp.inf, dist), axis=1)
     return jnp.mean(jnp.maximum(d_ap - d_an + margin, 0.0))
+
+
+def prototype_contrast(feats: jax.Array, memory: jax.Array, labels: jax.Array, temperature: float = 0.01) -> jax.Array:
+    """MUVA's prototype contrast: CE over cos(f, memory) / temperature. feats [B, D] (normalised here), memory
+    [C, D] (unit rows), labels [B] -> scalar."""
+    return cross_entropy(_l2n(feats.astype(jnp.float32)) @ memory.T / temperature, labels)
+
+
+def mask_bce(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy of mask logits [..., R, L] (e.g. every layer's, [layers, B, R, L]) against a
+    {0, 1} target broadcastable to them ([B, R, L])."""
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.broadcast_to(target, logits.shape)))
+
+
+def dice(probs: jax.Array, target: jax.Array, smooth: float = 1.0) -> jax.Array:
+    """Dice loss 1 - (2 |p t| + s) / (|p| + |t| + s) per mask over its last axis, averaged: [..., L] each."""
+    inter = jnp.sum(probs * target, axis=-1)
+    return jnp.mean(1.0 - (2.0 * inter + smooth) / (jnp.sum(probs, -1) + jnp.sum(target, -1) + smooth))

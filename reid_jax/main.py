@@ -25,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and 
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate) or only evaluate")
 
 # config.method -> module with a `Task(config, workdir)`
-TASKS = {"tde_nam": "reid_jax.train.tde_nam", "scgi": "reid_jax.train.scgi"}
+TASKS = {"tde_nam": "reid_jax.train.tde_nam", "scgi": "reid_jax.train.scgi", "muva": "reid_jax.train.muva"}
 
 
 def make_task(config, workdir: Path):

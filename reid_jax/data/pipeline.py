@@ -193,7 +193,7 @@ def _eval_positions(n: int, batch_size: int, shard: Shard) -> grain.MapDataset:
 
 def eval_images(source, cfg: ml_collections.ConfigDict, *, batch_size: int, shard: Shard = Shard(),
                 subset: np.ndarray | None = None, num_workers: int = 0) -> grain.IterDataset:
-    """Every record once, in order: image (resized, normalised), pid and camid as stored, valid."""
+    """Every record once, in order: image (resized, normalised), pid, camid and part boxes as stored, valid."""
     records = np.arange(len(source)) if subset is None else np.asarray(subset)
 
     def load(positions):
@@ -203,6 +203,7 @@ def eval_images(source, cfg: ml_collections.ConfigDict, *, batch_size: int, shar
         return {"image": np.stack([transforms.eval_transform(r["image"], cfg.aug) for r in recs]),
                 "pid": np.asarray([r["pid"] for r in recs], np.int32),
                 "camid": np.asarray([r["camid"] for r in recs], np.int32),
+                "part_boxes": np.stack([np.asarray(r["part_boxes"], np.float32) for r in recs]),
                 "image_index": ids.astype(np.int32), "valid": valid}
 
     return _to_iter(_eval_positions(len(records), batch_size, shard).map(load), num_workers)

@@ -1,0 +1,263 @@
+"""MUVA (Li, Gong, Zhang): domain-generalised image ReID with multi-grained prompts and AM-MSA (ALGORITHMS.md 5).
+
+Before training (stage 1, once, cached in WORKDIR/muva_stage1.npz):
+  1. every training image through the initial image encoder with the pseudo masks of its part boxes -> per-
+     identity centroids of the normalised features [C, G E] (G = 1 + R granularities: person, head, upper body,
+     legs);
+  2. learnable prompts "A photo of a X X X X {person | head of a person | upper body of a person | legs of a
+     person}." (4 context vectors per identity and granularity) trained alone, the text tower frozen: CE between
+     normalised text features and the centroids (temperature `stage1.temperature`);
+  3. the text prototypes [C, G E] (the four EOT features concatenated) are frozen for stage 2; the centroids
+     start the prototype memory.
+Stage 2 (the training loop), on P x K batches with flipped / cropped images and part boxes together:
+  ID CE (smoothing) on the BNNeck of the image feature + prototype contrast CE(norm(BN f) . memory / 0.01) +
+  image-to-text CE against the text prototypes + mask loss (BCE of every block's accumulated RMP logits + Dice
+  of the last) against the pseudo masks of the augmented boxes; the memory takes each identity's hardest
+  instance after every step. Evaluation: `evaluate.image_reid` on the unseen domain(s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from reid_jax import evaluate, losses
+from reid_jax.captioning import simulate
+from reid_jax.data import pipeline
+from reid_jax.data.index import relabel
+from reid_jax.models import muva as muva_lib
+from reid_jax.models import prompts
+from reid_jax.models.heads import BNNeck
+from reid_jax.models.memory import l2_normalize, update_hard
+from reid_jax.train import common, loop, mesh as mesh_lib, optimizer, visualize
+
+GRANULARITIES = ("person", "head of a person", "upper body of a person", "legs of a person")
+
+
+class MUVAHeads(nnx.Module):
+    def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.neck = BNNeck(dim, num_classes, rngs=rngs)
+
+
+class PartBoxesSource:
+    """`source` with every record's part_boxes replaced by row i of `boxes` [N, 3, 4] (simulated grounding)."""
+
+    def __init__(self, source, boxes: np.ndarray):
+        self.source, self.boxes = source, boxes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.source[i], part_boxes=self.boxes[i])
+
+    def __getitems__(self, ids) -> list[dict]:
+        recs = self.source.__getitems__(ids) if hasattr(self.source, "__getitems__") else [self.source[i] for i in ids]
+        return [dict(r, part_boxes=self.boxes[i]) for r, i in zip(recs, ids)]
+
+
+class Task:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, Path(workdir)
+        m = config.muva
+        if m.mask_mode not in ("rmp", "fixed"):
+            raise ValueError(f"config.muva.mask_mode must be 'rmp' or 'fixed', got {m.mask_mode!r}")
+        if not 0 <= m.num_parts <= 3:
+            raise ValueError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), got {m.num_parts}")
+        self.data_dir = Path(config.data.data_dir or self.workdir / "data").expanduser()
+        self.source, self.index = common.training_set(config.data.train, self.data_dir, config.data.auto_build)
+        if m.simulate_grounding:
+            meta, _ = common.training_set(config.data.train, self.data_dir, False, decode_image=False)
+            boxes = np.stack([np.asarray(meta[i]["part_boxes"], np.float32) for i in range(len(meta))])
+            table, fallbacks = simulate.simulate_table(boxes, config.seed, simulate.GroundingNoise(
+                **m.grounding_noise.to_dict()))
+            logging.warning("simulated grounding: %s of %d images fell back to fixed bands (head, upper, legs)",
+                            fallbacks.tolist(), len(boxes))
+            self.source = PartBoxesSource(self.source, table)
+        self.num_classes = len(np.unique(self.index.pids))
+        self.steps_per_epoch = max(1, len(self.index) // config.data.batch_size)
+        self.total_steps = self.steps_per_epoch * config.train.epochs
+        self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
+        mc = config.model
+        self.patch = mc.overrides.get("vision", {}).get("patch_size", 16)
+        grid = ((mc.image_size[0] - self.patch) // mc.stride + 1, (mc.image_size[1] - self.patch) // mc.stride + 1)
+        self.fixed_masks = jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], grid)) if m.num_parts else None
+
+    # ------------------------------------------------------------------------------------------------ model
+    def _model(self) -> muva_lib.MUVAModel:
+        cfg = self.config
+        vision = {**cfg.model.overrides.get("vision", {}), "num_extra_tokens": cfg.muva.num_parts}
+        clip = common.build_model(cfg, vision=vision)
+        return muva_lib.MUVAModel(clip, cfg.muva.rmp_heads, rngs=nnx.Rngs(cfg.seed + 1))
+
+    def _pseudo_masks(self, boxes: jax.Array) -> jax.Array:
+        """Part boxes [B, 3, 4] -> the masks the model is trained towards, bool [B, R, L]."""
+        if self.config.muva.mask_mode == "fixed":
+            return jnp.broadcast_to(self.fixed_masks, (boxes.shape[0], *self.fixed_masks.shape))
+        mc = self.config.model
+        return muva_lib.boxes_to_masks(boxes[:, : self.config.muva.num_parts], tuple(mc.image_size), self.patch,
+                                       mc.stride)
+
+    def _given_masks(self, boxes: jax.Array) -> jax.Array | None:
+        """Masks fed to the model instead of the RMP's: fixed bands in the 'fixed' ablation, else none."""
+        if self.config.muva.mask_mode == "fixed" and self.config.muva.num_parts:
+            return self._pseudo_masks(boxes)
+        return None
+
+    def init_state(self) -> loop.TrainState:
+        cfg = self.config
+        model = self._model()
+        stage1 = self._stage1(model)
+        dim = (1 + cfg.muva.num_parts) * model.clip.config.embed_dim
+        heads = MUVAHeads(dim, self.num_classes, rngs=nnx.Rngs(cfg.seed + 2))
+        buffers = {"text_protos": jnp.asarray(stage1["text_protos"]), "memory": jnp.asarray(stage1["centroids"])}
+        return loop.TrainState(model, self.tx, buffers, heads, frozen=cfg.optim.frozen)
+
+    # ---------------------------------------------------------------------------------------------- stage 1
+    def _stage1(self, model: muva_lib.MUVAModel) -> dict[str, np.ndarray]:
+        """Centroids and prompt-learned text prototypes, from the cache when it matches this config."""
+        cfg = self.config
+        key = json.dumps({"model": cfg.model.to_dict(), "train": str(cfg.data.train), "muva": cfg.muva.to_dict(),
+                          "stage1": cfg.stage1.to_dict(), "seed": cfg.seed, "init": cfg.init_checkpoint},
+                         sort_keys=True, default=str)
+        path = self.workdir / "muva_stage1.npz"
+        if path.exists():
+            cached = np.load(path)
+            if str(cached["key"]) == key:
+                return {k: cached[k] for k in ("centroids", "text_protos")}
+            logging.warning("%s was made for another config: recomputing stage 1", path)
+        centroids = self._centroids(model)
+        text_protos = self._learn_prompts(model.clip, centroids)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, key=key, centroids=centroids, text_protos=text_protos)
+        os.replace(tmp, path)
+        return {"centroids": centroids, "text_protos": text_protos}
+
+    def _centroids(self, model: muva_lib.MUVAModel) -> np.ndarray:
+        """[C, G E]: per training identity, the normalised mean of its images' normalised features, each image
+        encoded with the pseudo masks of its (stored) part boxes."""
+        cfg = self.config
+        graphdef, state = nnx.split(model)
+        r = cfg.muva.num_parts
+
+        @jax.jit
+        def encode(state, images, boxes):
+            masks = self._pseudo_masks(boxes) if r else None
+            return l2_normalize(nnx.merge(graphdef, state).image_features(images, masks))
+
+        feats = []
+        for batch in pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size):
+            feats.append(np.asarray(encode(state, batch["image"], batch["part_boxes"]))[batch["valid"]])
+        labels = relabel(self.index.pids)[0]
+        sums = np.zeros((self.num_classes, feats[0].shape[1]), np.float64)
+        np.add.at(sums, labels, np.concatenate(feats))
+        return np.asarray(l2_normalize(jnp.asarray(sums, jnp.float32)))
+
+    def _prompt_specs(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        s1 = self.config.stage1
+        length = self.config.model.overrides.get("text", {}).get("context_length", 77)
+        return [prompts.prompt_ids(s1.template.format(g), s1.num_context, length)
+                for g in GRANULARITIES[: 1 + self.config.muva.num_parts]]
+
+    def _text_features(self, clip, ctx: jax.Array, specs) -> jax.Array:
+        """Context vectors [b, G, n, Dt] -> the G prompts' EOT features concatenated, [b, G E]."""
+        return jnp.concatenate([prompts.prompt_features(clip, ctx[:, g], ids, slots)
+                                for g, (ids, slots) in enumerate(specs)], axis=-1)
+
+    def _learn_prompts(self, clip, centroids: np.ndarray) -> np.ndarray:
+        """Stage 1: the per-identity context vectors alone (text tower frozen) -> text prototypes [C, G E]."""
+        s1, n = self.config.stage1, self.num_classes
+        specs = self._prompt_specs()
+        width = clip.config.text.width
+        ctx = s1.init_std * jax.random.normal(jax.random.key(self.config.seed + 3),
+                                              (n, len(specs), s1.num_context, width))
+        graphdef, state = nnx.split(clip)
+        centres = jnp.asarray(centroids)
+        steps_per_epoch = -(-n // s1.batch_size)
+        tx = optax.adam(optax.cosine_decay_schedule(s1.lr, max(1, s1.epochs * steps_per_epoch)))
+        opt_state = tx.init(ctx)
+
+        @jax.jit
+        def step(ctx, opt_state, ids):
+            def loss_fn(ctx):
+                text = self._text_features(nnx.merge(graphdef, state), ctx[ids], specs)
+                return losses.cross_entropy(l2_normalize(text) @ centres.T / s1.temperature, ids)
+
+            loss, grads = jax.value_and_grad(loss_fn)(ctx)
+            updates, opt_state = tx.update(grads, opt_state)
+            return optax.apply_updates(ctx, updates), opt_state, loss
+
+        rng = np.random.default_rng(self.config.seed)
+        for epoch in range(s1.epochs):
+            order = rng.permutation(n)
+            order = np.concatenate([order, order[: -n % s1.batch_size or 0]])  # whole batches: one shape
+            for b in range(steps_per_epoch):
+                ctx, opt_state, loss = step(ctx, opt_state, jnp.asarray(order[b * s1.batch_size:
+                                                                              (b + 1) * s1.batch_size]))
+            logging.warning("MUVA stage 1 (prompts): epoch %d/%d, loss %.4f", epoch + 1, s1.epochs, float(loss))
+        encode = jax.jit(lambda ctx: self._text_features(nnx.merge(graphdef, state), ctx, specs))
+        return np.concatenate([np.asarray(encode(ctx[i: i + s1.batch_size])) for i in range(0, n, s1.batch_size)])
+
+    # ---------------------------------------------------------------------------------------------- stage 2
+    def train_stream(self, shard):
+        return pipeline.pk_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard)
+
+    def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
+        del rng
+        cfg, lw, pid = self.config, self.config.loss, batch["pid"]
+        target = self._pseudo_masks(batch["part_boxes"]).astype(jnp.float32)
+        given = self._given_masks(batch["part_boxes"])
+
+        def loss_fn(params: loop.Trainable):
+            feats, logits = params.model.encode(batch["image"], given)
+            bn, cls_logits = params.heads.neck(feats)
+            parts = {"id": lw.id_weight * losses.cross_entropy(cls_logits, pid, lw.id_label_smoothing),
+                     "proto": lw.proto_weight * losses.prototype_contrast(bn, ts.memory[...], pid,
+                                                                          lw.proto_temperature),
+                     "i2t": lw.i2t_weight * losses.cross_entropy(feats @ ts.text_protos[...].T, pid,
+                                                                 lw.i2t_label_smoothing)}
+            if logits is not None:
+                parts["mask"] = lw.mask_weight * (losses.mask_bce(logits, target)
+                                                  + losses.dice(jax.nn.sigmoid(logits[-1]), target))
+            return sum(parts.values()), (parts, bn)
+
+        params = ts.trainable()
+        (loss, (parts, bn)), grads = ts.value_and_grad(loss_fn, has_aux=True)(params)
+        ts.optimizer.update(params, grads)
+        ts.memory[...] = update_hard(ts.memory[...], jax.lax.stop_gradient(bn), pid, cfg.muva.memory_momentum)
+        return {"loss": loss} | {f"loss_{k}": v for k, v in parts.items()}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, model: muva_lib.MUVAModel, step: int, workdir: Path) -> dict:
+        cfg = self.config
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+        graphdef, state = nnx.split(model)
+        encode = jax.jit(lambda s, x, boxes: nnx.merge(graphdef, s).image_features(x, self._given_masks(boxes)))
+        results = {}
+        for spec in cfg.eval.datasets:
+            q, g = (self._features(spec, split, lambda b: encode(state, b["image"], b["part_boxes"]), mesh)
+                    for split in (spec.query, spec.gallery))
+            metrics = evaluate.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"])
+            results.update({f"eval/{spec.label}/{k}": v for k, v in metrics.items()
+                            if k not in ("cmc", "num_queries")})
+            if jax.process_index() == 0 and cfg.eval.png_queries:
+                visualize.image_retrieval_png(Path(workdir) / f"retrieval_{spec.label}_{step}.png",
+                                              q["source"], g["source"], q, g, cfg.eval.png_queries)
+        return results
+
+    def _features(self, spec, split: str, encode, mesh) -> dict:
+        cfg = self.config
+        source, _ = common.evaluation_set(spec, split, self.data_dir, cfg.data.auto_build)
+        shard = pipeline.Shard.from_jax()
+        stream = pipeline.eval_images(source, cfg.data, batch_size=cfg.eval.batch_size // shard.count, shard=shard)
+        return common.encode_stream(stream, "image", encode, mesh) | {"source": source}

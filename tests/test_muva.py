@@ -1,0 +1,279 @@
+"""MUVA: the AM-MSA mask token by token, RMP shapes and accumulation, the gate passing no gradient, box -> mask
+against the captioning module's numpy rule, flip consistency, each loss and the memory update against numpy,
+simulated grounding, stage 1, and the sharded step equal to the single-device step."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reid_jax import losses
+from reid_jax.captioning import calibration, masks as masks_np, simulate
+from reid_jax.data import transforms
+from reid_jax.models import clip as clip_lib
+from reid_jax.models import muva as muva_lib
+from reid_jax.models.memory import update_hard
+from reid_jax.train import loop
+from tests import sharding
+from tests.params import perturb
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = clip_lib.CLIPConfig.tiny(image_size=(32, 16), stride=4).replace(vision={"num_extra_tokens": 3})
+
+
+def tiny_config(data_dir, variant: str = "demo"):
+    spec = importlib.util.spec_from_file_location("muva_config", ROOT / "configs" / "muva.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(variant)
+    c.data.data_dir = str(data_dir)
+    c.data.train = [module._dataset("synthetic_pedestrians", "train", "small", "synthetic", ("daylight", "night"))]
+    c.eval.datasets = [module._test_set("synthetic_pedestrians", "small", "overcast", ("overcast",))]
+    c.model.update({"preset": "tiny", "image_size": (64, 32), "stride": 16, "dtype": "float32"})
+    c.model.overrides = {"vision": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "patch_size": 16},
+                         "text": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "context_length": 48},
+                         "embed_dim": 24}
+    c.data.update({"batch_size": 16, "context_length": 48, "num_workers": 0})
+    c.data.pk.update({"identities": 4, "instances": 4})
+    c.data.aug.update({"pad": 2})
+    c.stage1.update({"epochs": 2, "batch_size": 8})
+    c.train.update({"epochs": 1, "log_every": 1, "checkpoint_every_steps": 100})
+    c.eval.update({"every_epochs": 1, "batch_size": 32, "png_queries": 2})
+    # Adam eps 1e-3: parameters with an exactly-zero true gradient would otherwise turn reduction-order noise
+    # into +-lr steps (see tests/test_scgi.py); lr at a scale where 1e-5 agreement means something
+    c.optim.update({"lr": 1e-4, "warmup_epochs": 0.0, "eps": 1e-3})
+    c.mesh.fsdp_min_size = 256
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from reid_jax.data import build
+
+    d = tmp_path_factory.mktemp("tfds")
+    build.build("synthetic_pedestrians", d, config="small")
+    return d
+
+
+# ------------------------------------------------------------------------------------------------- masks
+def test_am_msa_bias_token_by_token():
+    rng = np.random.default_rng(0)
+    mask = rng.random((2, 3, 5)) < 0.5
+    bias = np.asarray(muva_lib.am_msa_bias(jnp.asarray(mask)))
+    assert bias.shape == (2, 1, 9, 9)
+    kind = ["cls"] + ["part"] * 3 + ["patch"] * 5
+    for b in range(2):
+        for i in range(9):
+            for j in range(9):
+                if "cls" in (kind[i], kind[j]) or kind[i] == kind[j] == "patch":
+                    open_ = True
+                elif kind[i] == kind[j] == "part":
+                    open_ = i == j
+                elif kind[i] == "part":
+                    open_ = mask[b, i - 1, j - 4]
+                else:
+                    open_ = mask[b, j - 1, i - 4]
+                assert bias[b, 0, i, j] == (0.0 if open_ else muva_lib.BLOCKED), (b, i, j)
+
+
+@pytest.mark.parametrize("image_size,stride,grid", [((256, 128), 16, (16, 8)), ((384, 128), 16, (24, 8)),
+                                                     ((256, 128), 12, (21, 10))])
+def test_boxes_to_masks_matches_the_captioning_rule(image_size, stride, grid):
+    rng = np.random.default_rng(1)
+    lo = rng.random((4, 3, 2)) * 0.6
+    boxes = np.concatenate([lo, lo + 0.05 + rng.random((4, 3, 2)) * 0.4], -1)[..., [0, 1, 2, 3]]
+    boxes[1, 2] = -1  # an absent part
+    got = np.asarray(muva_lib.boxes_to_masks(jnp.asarray(boxes, jnp.float32), image_size, 16, stride))
+    want = masks_np.boxes_to_masks(boxes.astype(np.float32), image_size, 16, stride).reshape(4, 3, -1)
+    assert got.shape == (4, 3, grid[0] * grid[1])
+    np.testing.assert_array_equal(got, want)
+    assert not got[1, 2].any() and got.any()
+
+
+def test_flipped_image_and_boxes_give_mirrored_masks():
+    """The pipeline flips image and boxes together (transforms.hflip); the pseudo mask follows the pixels."""
+    image = np.zeros((256, 128, 3), np.uint8)
+    boxes = np.array([[0.1, 0.0, 0.5, 0.2], [0.2, 0.2, 0.95, 0.55], [0.0, 0.55, 0.45, 1.0]], np.float32)
+    flipped, fboxes = transforms.hflip(image, boxes)
+    m = np.asarray(muva_lib.boxes_to_masks(jnp.asarray(boxes[None]), (256, 128), 16, 16)).reshape(3, 16, 8)
+    mf = np.asarray(muva_lib.boxes_to_masks(jnp.asarray(fboxes[None]), (256, 128), 16, 16)).reshape(3, 16, 8)
+    np.testing.assert_array_equal(mf, m[:, :, ::-1])
+    assert m.any() and not np.array_equal(m, mf)
+
+
+# --------------------------------------------------------------------------------------------------- model
+def _model(seed=0):
+    return perturb(muva_lib.MUVAModel(clip_lib.CLIP(CFG, rngs=nnx.Rngs(seed)), rngs=nnx.Rngs(seed + 1)), seed + 2)
+
+
+def test_rmp_logits_accumulate_and_gate_every_block():
+    """encode() against the blocks run by hand: RMP_l on block l's input, logits summed over blocks, the
+    block's attention masked by sigmoid(sum) > 0.5."""
+    model = _model()
+    images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 16, 3)), jnp.float32)
+    feats, logits = model.encode(images)
+    L = CFG.vision.grid[0] * CFG.vision.grid[1]
+    assert logits.shape == (CFG.vision.layers, 2, 3, L) and feats.shape == (2, 4 * CFG.embed_dim)
+    visual = model.clip.visual
+    x, acc = visual.embed(images), 0.0
+    for i, block in enumerate(visual.transformer.resblocks):
+        step = model.rmp[i](x[:, 1:4], x[:, 4:])
+        assert step.shape == (2, 3, L)
+        acc = acc + step
+        np.testing.assert_allclose(logits[i], acc, rtol=1e-5, atol=1e-5)
+        x = block(x, muva_lib.am_msa_bias(jax.nn.sigmoid(acc) > 0.5))
+    want = visual.project(x[:, :4]).reshape(2, -1)
+    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-5)
+    # given masks replace the RMP's: all-open masks differ from the predicted ones
+    open_feats, none = model.encode(images, jnp.ones((2, 3, L), bool))
+    assert none is None and not np.allclose(open_feats, feats, atol=1e-4)
+
+
+def test_the_gate_passes_no_gradient_to_the_rmp():
+    """The image feature depends on the RMP only through the hard mask: its gradient w.r.t. the RMP is zero;
+    the mask loss on the logits is what trains the RMP."""
+    model = _model(3)
+    images = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, 16, 3)), jnp.float32)
+    g_feat = nnx.grad(lambda m: jnp.sum(m.encode(images)[0] ** 2))(model)
+    for _, g in nnx.to_flat_state(g_feat.rmp):
+        np.testing.assert_array_equal(g[...], 0.0)
+    target = jnp.ones((2, 3, CFG.vision.grid[0] * CFG.vision.grid[1]))
+    g_mask = nnx.grad(lambda m: losses.mask_bce(m.encode(images)[1], target))(model)
+    assert all(np.abs(g[...]).max() > 0 for _, g in nnx.to_flat_state(g_mask.rmp))
+
+
+def test_band_masks_tile_the_grid():
+    m = muva_lib.band_masks([(0.0, 0.2), (0.2, 0.55), (0.55, 1.0)], (16, 8))
+    assert m.shape == (3, 128) and (m.sum(0) == 1).all()
+    np.testing.assert_array_equal(m[0].reshape(16, 8)[:, 0], (np.arange(16) + 0.5) / 16 < 0.2)
+
+
+# -------------------------------------------------------------------------------------------------- losses
+def _softmax_ce(logits, labels):
+    z = logits - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
+
+
+def test_prototype_contrast_mask_bce_and_dice_match_numpy():
+    rng = np.random.default_rng(5)
+    f, mem = rng.normal(size=(6, 8)), rng.normal(size=(4, 8))
+    mem /= np.linalg.norm(mem, axis=1, keepdims=True)
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    want = _softmax_ce((f / np.linalg.norm(f, axis=1, keepdims=True)) @ mem.T / 0.01, labels)
+    got = losses.prototype_contrast(jnp.asarray(f, jnp.float32), jnp.asarray(mem, jnp.float32), jnp.asarray(labels))
+    assert float(got) == pytest.approx(want, rel=1e-4)
+
+    logits, target = rng.normal(size=(2, 3, 4, 5)), (rng.random((3, 4, 5)) < 0.4).astype(np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    want = np.mean(-(target * np.log(p) + (1 - target) * np.log(1 - p)))
+    assert float(losses.mask_bce(jnp.asarray(logits, jnp.float32), jnp.asarray(target, jnp.float32))) == \
+        pytest.approx(want, rel=1e-5)
+    probs = p[0]
+    want = np.mean([1 - (2 * (a * b).sum() + 1) / (a.sum() + b.sum() + 1)
+                    for a, b in zip(probs.reshape(-1, 5), target.reshape(-1, 5))])
+    assert float(losses.dice(jnp.asarray(probs, jnp.float32), jnp.asarray(target, jnp.float32))) == \
+        pytest.approx(want, rel=1e-5)
+
+
+def test_memory_takes_each_identitys_hardest_instance():
+    rng = np.random.default_rng(6)
+    mem = rng.normal(size=(5, 4))
+    mem /= np.linalg.norm(mem, axis=1, keepdims=True)
+    feats, labels = rng.normal(size=(6, 4)), np.array([1, 3, 1, 3, 3, 0])
+    want = mem.copy()
+    fn = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        hard = idx[np.argmin(fn[idx] @ mem[c])]
+        m = 0.2 * mem[c] + 0.8 * fn[hard]
+        want[c] = m / np.linalg.norm(m)
+    got = update_hard(jnp.asarray(mem, jnp.float32), jnp.asarray(feats, jnp.float32), jnp.asarray(labels), 0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[[2, 4]], np.asarray(mem, np.float32)[[2, 4]])  # absent: kept
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+def test_simulated_grounding_is_calibrated():
+    exact = np.array([[0.35, 0.05, 0.6, 0.2], [0.3, 0.2, 0.7, 0.52], [0.33, 0.5, 0.66, 0.95]], np.float32)
+    quiet = simulate.GroundingNoise(jitter=0.0, whole_person=0.0, tiny=0.0, missing=0.0)
+    boxes, status = simulate.simulate(exact, np.random.default_rng(0), quiet)
+    np.testing.assert_allclose(boxes, exact, atol=1e-6)
+    assert status == ["ok"] * 3
+    whole = simulate.GroundingNoise(jitter=0.0, whole_person=1.0, tiny=0.0, missing=0.0)
+    boxes, status = simulate.simulate(exact, np.random.default_rng(0), whole)
+    assert status[2] == calibration.TRIMMED and boxes[2, 1] == pytest.approx(exact[1, 3])
+    tiny = simulate.GroundingNoise(jitter=0.0, whole_person=0.0, tiny=1.0, missing=0.0)
+    boxes, status = simulate.simulate(exact, np.random.default_rng(0), tiny)
+    assert status[2] == calibration.FALLBACK
+    np.testing.assert_allclose(boxes[2], calibration.band(2, calibration.CalibrationConfig()))
+    table, fallbacks = simulate.simulate_table(np.stack([exact] * 50), 0, simulate.GroundingNoise())
+    assert table.shape == (50, 3, 4) and fallbacks.sum() > 0 and not np.allclose(table, exact)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def test_stage1_prompts_learn_and_are_cached(data_dir, tmp_path):
+    from reid_jax.train import muva
+
+    c = tiny_config(data_dir)
+    c.stage1.epochs = 40
+    task = muva.Task(c, tmp_path)
+    ts = task.init_state()
+    g = 1 + c.muva.num_parts
+    assert ts.text_protos.shape == (task.num_classes, g * 24) and ts.memory.shape == (task.num_classes, g * 24)
+    np.testing.assert_allclose(np.linalg.norm(ts.memory[...], axis=1), 1.0, rtol=1e-5)
+    protos = np.asarray(ts.text_protos[...])
+    norm = protos / np.linalg.norm(protos, axis=1, keepdims=True)
+    acc = np.mean(np.argmax(norm @ np.asarray(ts.memory[...]).T, axis=1) == np.arange(task.num_classes))
+    assert acc > 0.5, acc  # each identity's prompts point at its own centroid (chance: 1 / C)
+    task._learn_prompts = None  # a second start reads the cache
+    np.testing.assert_array_equal(task.init_state().text_protos[...], protos)
+
+
+def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
+    from reid_jax.data.pipeline import Shard
+    from reid_jax.train import muva
+
+    c = tiny_config(data_dir)
+    task = muva.Task(c, tmp_path)
+    ts = task.init_state()
+    graphdef, state = nnx.split(ts)
+    before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(ts, nnx.Param))}
+    batch = next(iter(task.train_stream(Shard())))
+
+    @jax.jit
+    def step(state, batch):
+        ts = nnx.merge(graphdef, state)
+        return nnx.state(ts), task.train_step(ts, batch, jax.random.key(0))
+
+    new, metrics = step(state, batch)
+    parts = {k: float(v) for k, v in metrics.items() if k.startswith("loss_")}
+    assert set(parts) == {"loss_id", "loss_proto", "loss_i2t", "loss_mask"}
+    np.testing.assert_allclose(float(metrics["loss"]), sum(parts.values()), rtol=1e-5)
+    after = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, new), nnx.Param)))
+    moved = {".".join(map(str, k)) for k, v in before.items() if not np.array_equal(v, after[k][...])}
+    assert not any(n.startswith("model.clip.text.") for n in moved)
+    for prefix in ("model.clip.visual.", "model.rmp.", "heads.neck."):
+        assert any(n.startswith(prefix) for n in moved), prefix
+    assert not np.array_equal(nnx.merge(graphdef, new).memory[...], ts.memory[...])
+
+
+def test_sharded_step_equals_single_device_step(data_dir, tmp_path):
+    sharding.assert_sharded_step_equals_single("tests.test_muva", "tiny_config", "muva", data_dir, tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["ablation_baseline", "ablation_fixed"])
+def test_ablation_variants_train_and_evaluate_on_the_unseen_domain(data_dir, tmp_path, variant):
+    from reid_jax.train import muva
+
+    c = tiny_config(data_dir, variant)
+    loop.fit(c, tmp_path, muva.Task(c, tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "eval/overcast/mAP" in r][-1]
+    assert all(0 <= last[f"eval/overcast/{k}"] <= 100 for k in ("R1", "R5", "R10", "mAP", "mINP"))
+    assert ("train/loss_mask" in records[0]) is False  # no RMP in either ablation
+    assert list(tmp_path.glob("retrieval_overcast_*.png"))
