@@ -12,3 +12,9 @@ def perturb(module: nnx.Module, seed: int = 0, scale: float = 0.1) -> nnx.Module
     nnx.update(module, jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
                                                  for x, k in zip(leaves, keys)]))
     return module
+
+
+# The trainers' tests run their configs with this model: 64x32 images, 2 layers of width 32 in each tower
+TINY_MODEL = {"vision": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "patch_size": 16},
+              "text": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "context_length": 48},
+              "embed_dim": 24}

@@ -20,7 +20,7 @@ from reid_jax.models import muva as muva_lib
 from reid_jax.models.memory import update_hard
 from reid_jax.train import loop
 from tests import sharding
-from tests.params import perturb
+from tests.params import TINY_MODEL, perturb
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = clip_lib.CLIPConfig.tiny(image_size=(32, 16), stride=4).replace(vision={"num_extra_tokens": 3})
@@ -35,9 +35,7 @@ def tiny_config(data_dir, variant: str = "demo"):
     c.data.train = [module._dataset("synthetic_pedestrians", "train", "small", "synthetic", ("daylight", "night"))]
     c.eval.datasets = [module._test_set("synthetic_pedestrians", "small", "overcast", ("overcast",))]
     c.model.update({"preset": "tiny", "image_size": (64, 32), "stride": 16, "dtype": "float32"})
-    c.model.overrides = {"vision": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "patch_size": 16},
-                         "text": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "context_length": 48},
-                         "embed_dim": 24}
+    c.model.overrides = TINY_MODEL
     c.data.update({"batch_size": 16, "context_length": 48, "num_workers": 0})
     c.data.pk.update({"identities": 4, "instances": 4})
     c.data.aug.update({"pad": 2})

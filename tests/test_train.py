@@ -15,6 +15,7 @@ from flax import nnx
 
 from reid_jax.train import loop
 from tests import sharding
+from tests.params import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +29,7 @@ def tiny_config(data_dir, **train):
     c.data.train.config = "small"
     c.eval.datasets[0].config = "small"
     c.model.update({"image_size": (64, 32), "stride": 16})
-    c.model.overrides = {"vision": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "patch_size": 16},
-                         "text": {"width": 32, "layers": 2, "heads": 2, "mlp_dim": 64, "context_length": 48},
-                         "embed_dim": 24}
+    c.model.overrides = TINY_MODEL
     c.nam.layer = 1
     c.data.batch_size = 16
     c.data.num_workers = 0

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data
+from reid_jax import data, evaluate, rerank
 from reid_jax.data import index as index_lib
+from reid_jax.data import pipeline
 from reid_jax.data import sources as sources_lib
 from reid_jax.models import clip as clip_lib
-from reid_jax.train import loop, mesh as mesh_lib
+from reid_jax.train import loop, mesh as mesh_lib, visualize
 
 
 def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = True):
@@ -134,3 +136,39 @@ def encode_stream(stream, key: str, encode, mesh) -> dict:
         for k, v in rows.items():
             out.setdefault(k, []).append(v[valid])
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def encode_split(config, spec, split: str, data_dir: Path, encode, mesh) -> dict:
+    """Every image of one split of `spec` (its domains only) encoded on the mesh by `encode(batch)`:
+    {'feats', 'pid', 'camid', 'part_boxes', 'image_index'} (numpy) plus 'source' and 'index'."""
+    source, index = evaluation_set(spec, split, data_dir, config.data.auto_build)
+    shard = pipeline.Shard.from_jax()
+    stream = pipeline.eval_images(source, config.data, batch_size=config.eval.batch_size // shard.count, shard=shard)
+    return encode_stream(stream, "image", encode, mesh) | {"source": source, "index": index}
+
+
+def evaluate_image_reid(config, data_dir: Path, encode, step: int, workdir: Path, check=None) -> dict:
+    """Image ReID on each `config.eval.datasets` entry ({..., query, gallery} splits): metrics
+    'eval/<label>/{R1,R5,R10,mAP,mINP}', the k-reciprocal re-ranked ones as 'eval/<label>+rerank/...' when
+    `config.eval.rerank.enabled`, and WORKDIR/retrieval_<label>_<step>.png. `check(spec, split, index)` may refuse
+    a split (e.g. cameras the model has no embedding for) before it is encoded."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    results = {}
+    for spec in config.eval.datasets:
+        q, g = (encode_split(config, spec, split, data_dir, encode, mesh) for split in (spec.query, spec.gallery))
+        for split, part in ((spec.query, q), (spec.gallery, g)):
+            if check is not None:
+                check(spec, split, part["index"])
+        runs = [(spec.label, None)]
+        rr = config.eval.get("rerank")
+        if rr is not None and rr.enabled:
+            runs.append((spec.label + "+rerank",
+                         rerank.k_reciprocal(q["feats"], g["feats"], rr.k1, rr.k2, rr.lambda_value)))
+        for label, dist in runs:
+            metrics = evaluate.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"],
+                                          distances=dist)
+            results.update({f"eval/{label}/{k}": v for k, v in metrics.items() if k not in ("cmc", "num_queries")})
+        if jax.process_index() == 0 and config.eval.png_queries:
+            visualize.image_retrieval_png(Path(workdir) / f"retrieval_{spec.label}_{step}.png", q["source"],
+                                          g["source"], q, g, config.eval.png_queries)
+    return results

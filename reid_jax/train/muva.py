@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from reid_jax import evaluate, losses
+from reid_jax import losses
 from reid_jax.captioning import simulate
 from reid_jax.data import pipeline
 from reid_jax.data.index import relabel
@@ -38,7 +38,7 @@ from reid_jax.models import muva as muva_lib
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
 from reid_jax.models.memory import l2_normalize, update_hard
-from reid_jax.train import common, loop, mesh as mesh_lib, optimizer, visualize
+from reid_jax.train import common, loop, optimizer
 
 GRANULARITIES = ("person", "head of a person", "upper body of a person", "legs of a person")
 
@@ -239,25 +239,7 @@ class Task:
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: muva_lib.MUVAModel, step: int, workdir: Path) -> dict:
-        cfg = self.config
-        mesh = mesh_lib.make_mesh(cfg.mesh)
         graphdef, state = nnx.split(model)
         encode = jax.jit(lambda s, x, boxes: nnx.merge(graphdef, s).image_features(x, self._given_masks(boxes)))
-        results = {}
-        for spec in cfg.eval.datasets:
-            q, g = (self._features(spec, split, lambda b: encode(state, b["image"], b["part_boxes"]), mesh)
-                    for split in (spec.query, spec.gallery))
-            metrics = evaluate.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"])
-            results.update({f"eval/{spec.label}/{k}": v for k, v in metrics.items()
-                            if k not in ("cmc", "num_queries")})
-            if jax.process_index() == 0 and cfg.eval.png_queries:
-                visualize.image_retrieval_png(Path(workdir) / f"retrieval_{spec.label}_{step}.png",
-                                              q["source"], g["source"], q, g, cfg.eval.png_queries)
-        return results
-
-    def _features(self, spec, split: str, encode, mesh) -> dict:
-        cfg = self.config
-        source, _ = common.evaluation_set(spec, split, self.data_dir, cfg.data.auto_build)
-        shard = pipeline.Shard.from_jax()
-        stream = pipeline.eval_images(source, cfg.data, batch_size=cfg.eval.batch_size // shard.count, shard=shard)
-        return common.encode_stream(stream, "image", encode, mesh) | {"source": source}
+        return common.evaluate_image_reid(self.config, self.data_dir,
+                                          lambda b: encode(state, b["image"], b["part_boxes"]), step, workdir)

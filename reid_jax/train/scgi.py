@@ -23,14 +23,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data, evaluate, losses, rerank
+from reid_jax import data, losses
 from reid_jax.data import pipeline
 from reid_jax.models import cgi as cgi_lib
 from reid_jax.models import prompts
 from reid_jax.models.cff import CFF
 from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BNNeck
-from reid_jax.train import common, loop, mesh as mesh_lib, optimizer, visualize
+from reid_jax.train import common, loop, optimizer
 
 
 class SCGIHeads(nnx.Module):
@@ -154,38 +154,14 @@ class Task:
 
     # ----------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: CLIPReID, step: int, workdir: Path) -> dict:
-        cfg = self.config
-        mesh = mesh_lib.make_mesh(cfg.mesh)
         graphdef, state = nnx.split(model)
-        encode = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).image_features(x, c if self.num_cameras else None))
-        results = {}
-        for spec in cfg.eval.datasets:
-            q, g = (self._features(spec, split, lambda b: encode(state, b["image"], b["camid"]), mesh)
-                    for split in (spec.query, spec.gallery))
-            metrics = evaluate.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"])
-            results.update({f"eval/{spec.label}/{k}": v for k, v in metrics.items()
-                            if k not in ("cmc", "num_queries")})
-            if cfg.eval.rerank.enabled:
-                rr = cfg.eval.rerank
-                dist = rerank.k_reciprocal(q["feats"], g["feats"], rr.k1, rr.k2, rr.lambda_value)
-                metrics = evaluate.image_reid(None, q["pid"], q["camid"], None, g["pid"], g["camid"], distances=dist)
-                results.update({f"eval/{spec.label}+rerank/{k}": v for k, v in metrics.items()
-                                if k not in ("cmc", "num_queries")})
-            if jax.process_index() == 0 and cfg.eval.png_queries:
-                visualize.image_retrieval_png(Path(workdir) / f"retrieval_{spec.label}_{step}.png",
-                                              q["source"], g["source"], q, g, cfg.eval.png_queries)
-        return results
+        cams = bool(self.num_cameras)
+        encode = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).image_features(x, c if cams else None))
+        return common.evaluate_image_reid(self.config, self.data_dir, lambda b: encode(state, b["image"], b["camid"]),
+                                          step, workdir, check=self._check_cameras)
 
-    def _features(self, spec, split: str, encode, mesh) -> dict:
-        """One split of an evaluation set encoded on the mesh: {'feats', 'pid', 'camid', 'image_index', 'source'}."""
-        cfg = self.config
-        source, index = common.dataset_source(ml_collections.ConfigDict(dict(spec.to_dict(), split=split)),
-                                              self.data_dir, cfg.data.auto_build)
+    def _check_cameras(self, spec, split: str, index) -> None:
         if self.num_cameras and index.camids.max() >= self.num_cameras:
             raise ValueError(f"{spec.name}/{split} has camera ids up to {int(index.camids.max())} but the model's "
                              f"camera embedding has {self.num_cameras} (the training set's); set "
                              f"config.model.sie=False for sets with other cameras")
-        shard = pipeline.Shard.from_jax()
-        stream = pipeline.eval_images(source, cfg.data, batch_size=cfg.eval.batch_size // shard.count, shard=shard)
-        return common.encode_stream(stream, "image", encode, mesh) | {"source": source}
-
