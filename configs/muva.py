@@ -115,7 +115,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "demo":
         return demo()
     if arg.startswith("ablation_") and arg.split("_", 1)[1] in ("baseline", "fixed", "full"):
-        return demo(arg.split("_", 1)[1])
+        c = demo(arg.split("_", 1)[1])
+        c.eval.every_epochs = 0  # once, at the end
+        return c
     source, sep, target = arg.partition("_to_")
     if sep and target in DATASETS and (source in DATASETS or source == "multi") and source != target:
         return base(tuple(d for d in DATASETS if d != target) if source == "multi" else (source,), target)
