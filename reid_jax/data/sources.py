@@ -200,3 +200,19 @@ class ConcatSource(Sequence):
     def __repr__(self) -> str:
         sizes = [len(s) for s in self.sources]
         return f"ConcatSource({len(self)} records: {sizes}, labels={self.labels})"
+
+
+class PartBoxesSource:
+    """`source` with every record's part_boxes replaced by row i of `boxes` [N, 3, 4] (simulated grounding)."""
+
+    def __init__(self, source, boxes: np.ndarray):
+        self.source, self.boxes = source, boxes
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.source[i], part_boxes=self.boxes[i])
+
+    def __getitems__(self, ids) -> list[dict]:
+        return [dict(r, part_boxes=self.boxes[i]) for r, i in zip(_read(self.source, list(ids)), ids)]

@@ -32,9 +32,10 @@ from flax import nnx
 
 from reid_jax import losses
 from reid_jax.captioning import simulate
-from reid_jax.data import pipeline
+from reid_jax.data import pipeline, sources
 from reid_jax.data.index import relabel
 from reid_jax.models import muva as muva_lib
+from reid_jax.models import posemb
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
 from reid_jax.models.memory import l2_normalize, update_hard
@@ -48,23 +49,6 @@ class MUVAHeads(nnx.Module):
         self.neck = BNNeck(dim, num_classes, rngs=rngs)
 
 
-class PartBoxesSource:
-    """`source` with every record's part_boxes replaced by row i of `boxes` [N, 3, 4] (simulated grounding)."""
-
-    def __init__(self, source, boxes: np.ndarray):
-        self.source, self.boxes = source, boxes
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict:
-        return dict(self.source[i], part_boxes=self.boxes[i])
-
-    def __getitems__(self, ids) -> list[dict]:
-        recs = self.source.__getitems__(ids) if hasattr(self.source, "__getitems__") else [self.source[i] for i in ids]
-        return [dict(r, part_boxes=self.boxes[i]) for r, i in zip(recs, ids)]
-
-
 class Task:
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
         self.config, self.workdir = config, Path(workdir)
@@ -72,7 +56,8 @@ class Task:
         if m.mask_mode not in ("rmp", "fixed"):
             raise ValueError(f"config.muva.mask_mode must be 'rmp' or 'fixed', got {m.mask_mode!r}")
         if not 0 <= m.num_parts <= 3:
-            raise ValueError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), got {m.num_parts}")
+            raise ValueError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), "
+                             f"got {m.num_parts}")
         self.data_dir = Path(config.data.data_dir or self.workdir / "data").expanduser()
         self.source, self.index = common.training_set(config.data.train, self.data_dir, config.data.auto_build)
         if m.simulate_grounding:
@@ -82,15 +67,16 @@ class Task:
                 **m.grounding_noise.to_dict()))
             logging.warning("simulated grounding: %s of %d images fell back to fixed bands (head, upper, legs)",
                             fallbacks.tolist(), len(boxes))
-            self.source = PartBoxesSource(self.source, table)
+            self.source = sources.PartBoxesSource(self.source, table)
         self.num_classes = len(np.unique(self.index.pids))
         self.steps_per_epoch = max(1, len(self.index) // config.data.batch_size)
         self.total_steps = self.steps_per_epoch * config.train.epochs
         self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
         mc = config.model
         self.patch = mc.overrides.get("vision", {}).get("patch_size", 16)
-        grid = ((mc.image_size[0] - self.patch) // mc.stride + 1, (mc.image_size[1] - self.patch) // mc.stride + 1)
-        self.fixed_masks = jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], grid)) if m.num_parts else None
+        grid = posemb.grid_size(tuple(mc.image_size), self.patch, mc.stride)
+        self.fixed_masks = (jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], grid)) if m.num_parts
+                            else None)
 
     # ------------------------------------------------------------------------------------------------ model
     def _model(self) -> muva_lib.MUVAModel:
