@@ -72,7 +72,8 @@ def base() -> ml_collections.ConfigDict:
 
 
 def finetune(test_set: str) -> ml_collections.ConfigDict:
-    """IRRA's recipe on one set, from the TDE+NAM pretrained checkpoint (config.init_checkpoint)."""
+    """IRRA's recipe on one set, from the TDE+NAM pretrained model: config.init_checkpoint = the pretraining
+    run's workdir (or its best/<dataset>), or a converted CLIP."""
     c = base()
     name = TEST_SETS[test_set]
     c.data.train = _dataset(name, "train")

@@ -166,3 +166,24 @@ def test_two_processes_on_loopback_equal_one_process(data_dir, tmp_path):
         return [json.loads(line) for line in lines if "eval/synthetic/R1" in line][-1]
 
     assert last_eval(tmp_path / "single") == pytest.approx(last_eval(tmp_path / "multi"), abs=1e-6)
+
+
+def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):
+    """config.init_checkpoint = a reid-jax workdir (or its best/<dataset>): the next stage (IRRA fine-tuning after
+    TDE pretraining, SCGI / MUVA from a TDE model) starts from its CLIP weights."""
+    from reid_jax.train import common, tde_nam
+
+    config = tiny_config(data_dir, epochs=1)
+    config.eval.every_epochs = 1
+    trained = loop.fit(config, tmp_path / "pre", tde_nam.Task(config, tmp_path / "pre"))
+    for init in (tmp_path / "pre", tmp_path / "pre" / "best" / "synthetic"):
+        nxt = tiny_config(data_dir)
+        nxt.init_checkpoint = str(init)
+        nxt.seed = 5  # a fresh model would differ
+        for a, b in zip(_params(trained), _params(common.build_model(nxt))):
+            np.testing.assert_array_equal(a, b)
+    wider = tiny_config(data_dir)
+    wider.init_checkpoint = str(tmp_path / "pre")
+    wider.model.overrides.embed_dim = 32
+    with pytest.raises(ValueError, match=r"does not fit this model: .*visual\.proj: saved \[32, 24\], model \[32, 32\]"):
+        common.build_model(wider)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 from flax import nnx
 
@@ -15,7 +16,7 @@ from reid_jax.data import index as index_lib
 from reid_jax.data import pipeline
 from reid_jax.data import sources as sources_lib
 from reid_jax.models import clip as clip_lib
-from reid_jax.train import loop, mesh as mesh_lib, visualize
+from reid_jax.train import checkpoint, loop, mesh as mesh_lib, visualize
 
 
 def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = True):
@@ -107,20 +108,30 @@ def evaluation_set(spec, split: str, data_dir: Path, auto_build: bool, decode_im
 
 
 def build_model(config: ml_collections.ConfigDict, **extra) -> clip_lib.CLIP:
-    """A converted / PyTorch CLIP checkpoint when config.init_checkpoint is set, else a fresh model. `extra`:
+    """config.init_checkpoint's CLIP (a converted or PyTorch checkpoint, or a reid-jax run: its workdir,
+    checkpoints/ or best/<dataset>/), else a fresh model. `extra`:
     CLIPConfig fields a method sets itself (e.g. MUVA's `vision={..., 'num_extra_tokens': 3}`), over the config's."""
     m = config.model
     overrides = {"dtype": m.dtype, "remat": m.remat, **m.get("overrides", {}).to_dict(), **extra}
-    if config.init_checkpoint:
-        path = Path(config.init_checkpoint).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"config.init_checkpoint={path} does not exist; convert a PyTorch CLIP checkpoint with "
-                f"`python -m reid_jax.convert ViT-B-16.pt {path} --image-size={m.image_size[0]},{m.image_size[1]}`")
-        return clip_lib.load_pretrained(path, image_size=tuple(m.image_size), stride=m.stride,
-                                        posemb_interpolation=m.posemb_interpolation, **overrides)
-    preset = getattr(clip_lib.CLIPConfig, m.preset)(image_size=tuple(m.image_size), stride=m.stride)
-    return clip_lib.CLIP(preset.replace(**overrides), rngs=nnx.Rngs(config.seed))
+
+    def fresh() -> clip_lib.CLIP:
+        preset = getattr(clip_lib.CLIPConfig, m.preset)(image_size=tuple(m.image_size), stride=m.stride)
+        return clip_lib.CLIP(preset.replace(**overrides), rngs=nnx.Rngs(config.seed))
+
+    if not config.init_checkpoint:
+        return fresh()
+    path = Path(config.init_checkpoint).expanduser()
+    if path.exists() and (trained := checkpoint.training_checkpoints(path)) is not None:
+        # a reid-jax run (e.g. TDE+NAM pretraining before fine-tuning): this config's architecture, its weights
+        model = fresh()
+        logging.info("CLIP weights from %s, step %d", trained, checkpoint.load_clip(model, trained))
+        return model
+    if not path.exists():
+        raise FileNotFoundError(
+            f"config.init_checkpoint={path} does not exist; convert a PyTorch CLIP checkpoint with "
+            f"`python -m reid_jax.convert ViT-B-16.pt {path} --image-size={m.image_size[0]},{m.image_size[1]}`")
+    return clip_lib.load_pretrained(path, image_size=tuple(m.image_size), stride=m.stride,
+                                    posemb_interpolation=m.posemb_interpolation, **overrides)
 
 
 def encode_stream(stream, key: str, encode, mesh) -> dict:
