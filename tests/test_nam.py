@@ -101,3 +101,12 @@ def test_token_similarity_reads_the_right_layer_and_patches():
         pn = patches[b] / np.linalg.norm(patches[b], axis=-1, keepdims=True)
         wn = words[b] / np.linalg.norm(words[b], axis=-1, keepdims=True)
         np.testing.assert_allclose(sim[b], (wn @ pn.T).max(-1), atol=1e-5)
+
+
+def test_nam_report_auc_is_the_pairwise_win_rate():
+    from reid_jax.train.nam_report import _auc
+
+    rng = np.random.default_rng(3)
+    pos, neg = np.round(rng.normal(0.3, 1, 40), 1), np.round(rng.normal(0, 1, 70), 1)  # rounding makes ties
+    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+    assert _auc(pos, neg) == pytest.approx(wins / (40 * 70))
