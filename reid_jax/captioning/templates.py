@@ -26,9 +26,10 @@ REQUIRED_SLOTS = ("[clothing description]", "[person/woman/man]")
 
 # The instruction for the 'static' captions (one fixed prompt for every image).
 STATIC_INSTRUCTION = (
-    "Describe the pedestrian in this image in one or two sentences: whether it is a man or a woman, the hair, "
-    "the clothes on the upper and lower body with their colours, the shoes, and anything worn or carried, such "
-    "as a hat, glasses, a bag or an umbrella. Mention only what you can see.")
+    "Describe the pedestrian in this image in one or two sentences: whether it is a man or a woman, the rough "
+    "age (child, young, middle-aged or old), the hair, the clothes on the upper and lower body with their "
+    "colours, the shoes, and anything worn or carried, such as a hat, glasses, a bag or an umbrella. Mention "
+    "only what you can see.")  # covers CLIP-SCGI's attributes too: gender, age, hair, clothing, shoes, belongings
 
 # The instruction for 'template' captions; the template goes on the last line after "Template: ".
 TEMPLATE_INSTRUCTION = (

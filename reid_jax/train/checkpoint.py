@@ -100,5 +100,5 @@ def load_clip(clip: nnx.Module, directory: Path, keep_missing: tuple[str, ...] =
         raise ValueError(f"{directory} (step {step}) does not fit this model: " + "; ".join(problems[:10])
                          + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                          + ". Use the architecture the checkpoint was trained with (config.model).")
-    nnx.update(clip, nnx.State.from_flat_path({p: v for p, v in flat.items()}))
+    nnx.update(clip, nnx.State.from_flat_path(flat))
     return step
