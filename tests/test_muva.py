@@ -49,15 +49,6 @@ def tiny_config(data_dir, variant: str = "demo"):
     return c
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from reid_jax.data import build
-
-    d = tmp_path_factory.mktemp("tfds")
-    build.build("synthetic_pedestrians", d, config="small")
-    return d
-
-
 # ------------------------------------------------------------------------------------------------- masks
 def test_am_msa_bias_token_by_token():
     rng = np.random.default_rng(0)

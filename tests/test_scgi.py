@@ -51,15 +51,6 @@ def tiny_config(data_dir, variant: str = "demo"):
     return c
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from reid_jax.data import build
-
-    d = tmp_path_factory.mktemp("tfds")
-    build.build("synthetic_pedestrians", d, config="small")
-    return d
-
-
 def _ids(texts, length=16):
     return jnp.asarray(tokenizer.tokenize(texts, length))
 

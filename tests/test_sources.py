@@ -123,15 +123,6 @@ def test_concat_errors(three):
 
 
 # ------------------------------------------------------------------------------------------ built TFDS set
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from reid_jax.data import build
-
-    d = tmp_path_factory.mktemp("tfds")
-    build.build("synthetic_pedestrians", d, config="small")
-    return d
-
-
 def _spec(split="train", domains=None, label="synthetic", **kw):
     spec = {"name": "synthetic_pedestrians", "split": split, "config": "small", "label": label, **kw}
     return spec if domains is None else {**spec, "domains": list(domains)}

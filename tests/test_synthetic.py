@@ -33,13 +33,6 @@ def _read(data_dir, split, raw_images=False) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synthetic")
-    build(NAME, d, config="small")
-    return d
-
-
-@pytest.fixture(scope="module")
 def recs(data_dir):
     return {s: [dict(r) for r in data.load_source(NAME, s, data_dir, "small")] for s in SPLITS}
 

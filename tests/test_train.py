@@ -41,15 +41,6 @@ def tiny_config(data_dir, **train):
     return c
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from reid_jax.data import build
-
-    d = tmp_path_factory.mktemp("tfds")
-    build.build("synthetic_pedestrians", d, config="small")
-    return d
-
-
 def _params(model) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 

@@ -82,7 +82,10 @@ class CLIPConfig:
     # 0.33 s vs 0.39 s: `python -m reid_jax.bench train_step [--scan]`). Parameter names and checkpoints are
     # the same either way; a callable attn_bias always unrolls.
     scan_layers: bool = False
-    attention: str = ""  # jax.nn.dot_product_attention implementation: "" (JAX's choice), "xla" or "cudnn"
+    # jax.nn.dot_product_attention implementation: "" (JAX's choice), "xla" or "cudnn". cuDNN's fused kernel
+    # refuses the ReID image lengths (193 tokens at 384x128/16 on an H100, JAX 0.11: "Unsupported sequence
+    # length"); "" picks XLA there, which ran at 1455 pairs/s (bench train_step, batch 64, bfloat16)
+    attention: str = ""
 
     @classmethod
     def vit_b16(cls, image_size=(224, 224), stride=16, **kw) -> CLIPConfig:
