@@ -4,6 +4,7 @@ from an abstract, sharded state. Arrays are stored under dotted names ('model.vi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -25,7 +26,12 @@ class Checkpointer:
     """`directory/<step>/{state, data, meta}`; keeps the newest `keep`."""
 
     def __init__(self, directory: Path, keep: int = 2, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # orbax names its multi-host barriers after the step folder ('async_write_complete.18'): without a prefix of
+        # its own, this manager and another saving the same step (a best-model one) would share barriers
+        prefix = re.sub(r"\W", "_", "_".join(Path(directory).absolute().parts[-2:]))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                              item_names=("state", "data", "meta"))
 

@@ -129,8 +129,15 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
 
     saved = {latest}
 
+    def settle():
+        # one asynchronous save at a time across the run's checkpoint managers (the last step's best model and the
+        # final checkpoint save the same step), so every process meets the multi-host barriers in one order
+        for c in (ckpt, *best_ckpt.values()):
+            c.wait()
+
     def save(step, state):
         if step not in saved:
+            settle()
             ckpt.save(step, state, iterator.get_state(), meta)
             saved.add(step)
 
@@ -140,6 +147,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         for name, value in _best_metric(config, results).items():
             if value > meta["best"].get(name, -1.0):
                 meta["best"][name] = value
+                settle()
                 best_ckpt.setdefault(name, Checkpointer(workdir / "best" / name, keep=1))
                 best_ckpt[name].save(step, nnx.state(nnx.merge(graphdef, state).model), None,
                                      {"step": step, config.eval.keep_best: value})
@@ -176,9 +184,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         save(total, state)
     finally:
         bar.close()
-        ckpt.wait()
-        for c in best_ckpt.values():
-            c.wait()
+        settle()
         writer.close()
     return nnx.merge(graphdef, state).model
 
