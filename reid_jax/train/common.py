@@ -16,7 +16,36 @@ from reid_jax.data import index as index_lib
 from reid_jax.data import pipeline
 from reid_jax.data import sources as sources_lib
 from reid_jax.models import clip as clip_lib
-from reid_jax.train import checkpoint, loop, mesh as mesh_lib, visualize
+from reid_jax.train import checkpoint, loop, mesh as mesh_lib, optimizer, visualize
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """config.data.data_dir, else WORKDIR/data (where the demos build the built-in set)."""
+    return Path(config.data.data_dir or Path(workdir) / "data").expanduser()
+
+
+def schedule(config: ml_collections.ConfigDict, num_examples: int):
+    """(steps_per_epoch, total_steps, optax transformation, learning-rate schedule) for `num_examples` training
+    examples per epoch in batches of config.data.batch_size."""
+    steps_per_epoch = max(1, num_examples // config.data.batch_size)
+    total_steps = steps_per_epoch * config.train.epochs
+    return (steps_per_epoch, total_steps, *optimizer.make(config.optim, steps_per_epoch, total_steps))
+
+
+def check_pk_batch(config: ml_collections.ConfigDict) -> None:
+    """P x K batches (`pipeline.pk_train`) hold pk.identities * pk.instances images: the epoch length is counted
+    with config.data.batch_size, so the two must agree."""
+    pk = config.data.pk
+    if pk.identities * pk.instances != config.data.batch_size:
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} must equal config.data.pk.identities "
+                         f"x instances = {pk.identities} x {pk.instances}")
+
+
+def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 [C, D]: the mean of the rows `feats` [N, D] of each class `labels` [N] in 0..C-1 (0 when empty)."""
+    sums = np.zeros((num_classes, feats.shape[1]), np.float64)
+    np.add.at(sums, labels, feats)
+    return (sums / np.maximum(np.bincount(labels, minlength=num_classes), 1)[:, None]).astype(np.float32)
 
 
 def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = True):
@@ -149,10 +178,13 @@ def encode_stream(stream, key: str, encode, mesh) -> dict:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def encode_split(config, spec, split: str, data_dir: Path, encode, mesh) -> dict:
+def encode_split(config, spec, split: str, data_dir: Path, encode, mesh, check=None) -> dict:
     """Every image of one split of `spec` (its domains only) encoded on the mesh by `encode(batch)`:
-    {'feats', 'pid', 'camid', 'part_boxes', 'image_index'} (numpy) plus 'source' and 'index'."""
+    {'feats', 'pid', 'camid', 'part_boxes', 'image_index'} (numpy) plus 'source' and 'index'.
+    `check(spec, split, index)` may refuse the split before anything is encoded."""
     source, index = evaluation_set(spec, split, data_dir, config.data.auto_build)
+    if check is not None:
+        check(spec, split, index)
     shard = pipeline.Shard.from_jax()
     stream = pipeline.eval_images(source, config.data, batch_size=config.eval.batch_size // shard.count, shard=shard)
     return encode_stream(stream, "image", encode, mesh) | {"source": source, "index": index}
@@ -166,10 +198,8 @@ def evaluate_image_reid(config, data_dir: Path, encode, step: int, workdir: Path
     mesh = mesh_lib.make_mesh(config.mesh)
     results = {}
     for spec in config.eval.datasets:
-        q, g = (encode_split(config, spec, split, data_dir, encode, mesh) for split in (spec.query, spec.gallery))
-        for split, part in ((spec.query, q), (spec.gallery, g)):
-            if check is not None:
-                check(spec, split, part["index"])
+        q, g = (encode_split(config, spec, split, data_dir, encode, mesh, check)
+                for split in (spec.query, spec.gallery))
         runs = [(spec.label, None)]
         rr = config.eval.get("rerank")
         if rr is not None and rr.enabled:

@@ -39,7 +39,7 @@ from reid_jax.models import posemb
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
 from reid_jax.models.memory import l2_normalize, update_hard
-from reid_jax.train import common, loop, optimizer
+from reid_jax.train import common, loop
 
 GRANULARITIES = ("person", "head of a person", "upper body of a person", "legs of a person")
 
@@ -58,7 +58,7 @@ class Task:
         if not 0 <= m.num_parts <= 3:
             raise ValueError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), "
                              f"got {m.num_parts}")
-        self.data_dir = Path(config.data.data_dir or self.workdir / "data").expanduser()
+        self.data_dir = common.data_dir(config, self.workdir)
         self.source, self.index = common.training_set(config.data.train, self.data_dir, config.data.auto_build)
         if m.simulate_grounding:
             meta, _ = common.training_set(config.data.train, self.data_dir, False, decode_image=False)
@@ -69,9 +69,8 @@ class Task:
                             fallbacks.tolist(), len(boxes))
             self.source = sources.PartBoxesSource(self.source, table)
         self.num_classes = len(np.unique(self.index.pids))
-        self.steps_per_epoch = max(1, len(self.index) // config.data.batch_size)
-        self.total_steps = self.steps_per_epoch * config.train.epochs
-        self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
+        common.check_pk_batch(config)
+        self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config, len(self.index))
         mc = config.model
         self.patch = mc.overrides.get("vision", {}).get("patch_size", 16)
         grid = posemb.grid_size(tuple(mc.image_size), self.patch, mc.stride)
@@ -144,10 +143,8 @@ class Task:
         feats = []
         for batch in pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size):
             feats.append(np.asarray(encode(state, batch["image"], batch["part_boxes"]))[batch["valid"]])
-        labels = relabel(self.index.pids)[0]
-        sums = np.zeros((self.num_classes, feats[0].shape[1]), np.float64)
-        np.add.at(sums, labels, np.concatenate(feats))
-        return np.asarray(l2_normalize(jnp.asarray(sums, jnp.float32)))
+        means = common.class_means(np.concatenate(feats), relabel(self.index.pids)[0], self.num_classes)
+        return np.asarray(l2_normalize(jnp.asarray(means)))
 
     def _prompt_specs(self) -> list[tuple[np.ndarray, np.ndarray]]:
         s1 = self.config.stage1

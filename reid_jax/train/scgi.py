@@ -30,7 +30,7 @@ from reid_jax.models import prompts
 from reid_jax.models.cff import CFF
 from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BNNeck
-from reid_jax.train import common, loop, optimizer
+from reid_jax.train import common, loop
 
 
 class SCGIHeads(nnx.Module):
@@ -53,17 +53,12 @@ class Task:
             raise ValueError("config.cff.enabled needs config.cgi.enabled: CFF fuses CGI's pseudo-words")
         if config.loss.i2t_mode not in ("prototypes", "batch"):
             raise ValueError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got {config.loss.i2t_mode!r}")
-        self.data_dir = Path(config.data.data_dir or Path(workdir) / "data").expanduser()
+        self.data_dir = common.data_dir(config, workdir)
         self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
         self.num_classes = len(np.unique(self.index.pids))
         self.num_cameras = int(self.index.camids.max()) + 1 if config.model.sie else 0
-        pk = config.data.pk
-        if pk.identities * pk.instances != config.data.batch_size:
-            raise ValueError(f"config.data.batch_size={config.data.batch_size} must equal config.data.pk.identities "
-                             f"x instances = {pk.identities} x {pk.instances}")
-        self.steps_per_epoch = max(1, len(self.index) // config.data.batch_size)
-        self.total_steps = self.steps_per_epoch * config.train.epochs
-        self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
+        common.check_pk_batch(config)
+        self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config, len(self.index))
         self.uses_captions = config.cgi.enabled or bool(config.loss.i2t_weight)
         self.prompt_ids, self.prompt_slots = prompts.prompt_ids(
             config.cgi.prompt, config.cgi.num_queries, config.data.context_length)
@@ -92,11 +87,7 @@ class Task:
             feats.append(np.asarray(encode(state, batch["text"]))[valid])
             pids.append(batch["pid"][valid])
         labels = np.searchsorted(np.unique(self.index.pids), np.concatenate(pids))
-        feats = np.concatenate(feats)
-        sums = np.zeros((self.num_classes, feats.shape[1]), np.float64)
-        np.add.at(sums, labels, feats)
-        return jnp.asarray(sums / np.maximum(np.bincount(labels, minlength=self.num_classes), 1)[:, None],
-                           jnp.float32)
+        return jnp.asarray(common.class_means(np.concatenate(feats), labels, self.num_classes))
 
     def train_stream(self, shard):
         return pipeline.pk_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard,

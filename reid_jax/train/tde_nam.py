@@ -24,22 +24,21 @@ from reid_jax import data, evaluate, losses
 from reid_jax.data import pipeline
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
-from reid_jax.train import common, loop, mesh as mesh_lib, optimizer, visualize
+from reid_jax.train import common, loop, mesh as mesh_lib, visualize
 
 
 class Task:
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
         self.config = config
-        self.data_dir = Path(config.data.data_dir or Path(workdir) / "data").expanduser()
+        self.data_dir = common.data_dir(config, workdir)
         if config.nam.mode == "nam" and config.data.caption_mode != "all":
             raise ValueError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
                              "config.data.caption_mode='all'")
         self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
-        self.steps_per_epoch = max(1, self.num_examples // config.data.batch_size)
-        self.total_steps = self.steps_per_epoch * config.train.epochs
-        self.tx, self.learning_rate = optimizer.make(config.optim, self.steps_per_epoch, self.total_steps)
+        self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config,
+                                                                                             self.num_examples)
 
     # ------------------------------------------------------------------------------------------- training
     def init_state(self) -> loop.TrainState:
