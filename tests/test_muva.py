@@ -2,9 +2,7 @@
 against the captioning module's numpy rule, flip consistency, each loss and the memory update against numpy,
 simulated grounding, stage 1, and the sharded step equal to the single-device step."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,33 +17,21 @@ from reid_jax.models import clip as clip_lib
 from reid_jax.models import muva as muva_lib
 from reid_jax.models.memory import update_hard
 from reid_jax.train import loop
-from tests import sharding
-from tests.params import TINY_MODEL, perturb
+from tests import configs, sharding
+from tests.params import perturb
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = clip_lib.CLIPConfig.tiny(image_size=(32, 16), stride=4).replace(vision={"num_extra_tokens": 3})
 
 
 def tiny_config(data_dir, variant: str = "demo"):
-    spec = importlib.util.spec_from_file_location("muva_config", ROOT / "configs" / "muva.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(variant)
-    c.data.data_dir = str(data_dir)
+    module = configs.load("muva")
+    c = configs.tiny_image_reid(module.get_config(variant), data_dir)
     c.data.train = [module._dataset("synthetic_pedestrians", "train", "small", "synthetic", ("daylight", "night"))]
     c.eval.datasets = [module._test_set("synthetic_pedestrians", "small", "overcast", ("overcast",))]
-    c.model.update({"preset": "tiny", "image_size": (64, 32), "stride": 16, "dtype": "float32"})
-    c.model.overrides = TINY_MODEL
-    c.data.update({"batch_size": 16, "context_length": 48, "num_workers": 0})
-    c.data.pk.update({"identities": 4, "instances": 4})
-    c.data.aug.update({"pad": 2})
     c.stage1.update({"epochs": 2, "batch_size": 8})
-    c.train.update({"epochs": 1, "log_every": 1, "checkpoint_every_steps": 100})
-    c.eval.update({"every_epochs": 1, "batch_size": 32, "png_queries": 2})
     # Adam eps 1e-3: parameters with an exactly-zero true gradient would otherwise turn reduction-order noise
     # into +-lr steps (see tests/test_scgi.py); lr at a scale where 1e-5 agreement means something
     c.optim.update({"lr": 1e-4, "warmup_epochs": 0.0, "eps": 1e-3})
-    c.mesh.fsdp_min_size = 256
     return c
 
 

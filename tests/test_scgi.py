@@ -2,9 +2,6 @@
 losses against numpy, the trainer's step (frozen text tower, sharded == single device), and inference that never
 touches the text tower."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,33 +18,21 @@ from reid_jax.models.cff import CFF
 from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BatchNorm1d
 from reid_jax.train import loop
-from tests import sharding
-from tests.params import TINY_MODEL, perturb
+from tests import configs, sharding
+from tests.params import perturb
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = clip_lib.CLIPConfig.tiny(image_size=(32, 16), stride=4)  # 8x4 grid, width 32, text width 32, embed 24
 
 
 def tiny_config(data_dir, variant: str = "demo"):
     """configs/scgi.py's variant on the `small` synthetic set with a tiny model."""
-    spec = importlib.util.spec_from_file_location("scgi_config", ROOT / "configs" / "scgi.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(variant)
-    c.data.data_dir = str(data_dir)
+    module = configs.load("scgi")
+    c = configs.tiny_image_reid(module.get_config(variant), data_dir)
     c.data.train = module._dataset("synthetic_pedestrians", "train", "small")
     c.eval.datasets = [module._test_set("synthetic_pedestrians", "small", label="synthetic")]
-    c.model.update({"preset": "tiny", "image_size": (64, 32), "stride": 16, "dtype": "float32"})
-    c.model.overrides = TINY_MODEL
-    c.data.update({"batch_size": 16, "context_length": 48, "num_workers": 0})
-    c.data.pk.update({"identities": 4, "instances": 4})
-    c.data.aug.update({"pad": 2})
-    c.train.update({"epochs": 1, "log_every": 1, "checkpoint_every_steps": 100})
-    c.eval.update({"every_epochs": 1, "batch_size": 32, "png_queries": 2})
     # Adam eps 1e-3 (the TDE paper's): parameters whose true gradient is exactly 0 (the key part of an attention
     # in-projection bias; a shift that a BatchNorm removes) would turn reduction-order noise into +-lr steps
     c.optim.update({"lr": 1e-3, "warmup_epochs": 0.0, "eps": 1e-3})
-    c.mesh.fsdp_min_size = 256
     return c
 
 

@@ -1,7 +1,6 @@
 """The shared training loop on the TDE+NAM task: sharded step == single-device step, resume == uninterrupted,
 metrics files, the main command's errors. Small synthetic set, tiny model."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,17 +13,14 @@ import pytest
 from flax import nnx
 
 from reid_jax.train import loop
-from tests import sharding
+from tests import configs, sharding
 from tests.params import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(data_dir, **train):
-    spec = importlib.util.spec_from_file_location("tde_nam_config", ROOT / "configs" / "tde_nam.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("demo")
+    c = configs.load("tde_nam").get_config("demo")
     c.data.data_dir = str(data_dir)
     c.data.train.config = "small"
     c.eval.datasets[0].config = "small"
