@@ -39,7 +39,7 @@ from reid_jax.models import posemb
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
 from reid_jax.models.memory import l2_normalize, update_hard
-from reid_jax.train import common, loop
+from reid_jax.train import common, loop, mesh as mesh_lib
 
 GRANULARITIES = ("person", "head of a person", "upper body of a person", "legs of a person")
 
@@ -140,10 +140,12 @@ class Task:
             masks = self._pseudo_masks(boxes) if r else None
             return l2_normalize(nnx.merge(graphdef, state).image_features(images, masks))
 
-        feats = []
-        for batch in pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size):
-            feats.append(np.asarray(encode(state, batch["image"], batch["part_boxes"]))[batch["valid"]])
-        means = common.class_means(np.concatenate(feats), relabel(self.index.pids)[0], self.num_classes)
+        shard = pipeline.Shard.from_jax()
+        stream = pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
+                                      shard=shard)
+        out = common.encode_stream(stream, "image", lambda b: encode(state, b["image"], b["part_boxes"]),
+                                   mesh_lib.make_mesh(cfg.mesh))
+        means = common.class_means(out["feats"], relabel(self.index.pids)[0], self.num_classes)
         return np.asarray(l2_normalize(jnp.asarray(means)))
 
     def _prompt_specs(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -30,7 +30,7 @@ from reid_jax.models import prompts
 from reid_jax.models.cff import CFF
 from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BNNeck
-from reid_jax.train import common, loop
+from reid_jax.train import common, loop, mesh as mesh_lib
 
 
 class SCGIHeads(nnx.Module):
@@ -80,14 +80,12 @@ class Task:
                                     cfg.data.train.get("config") or None, decode_image=False)
         graphdef, state = nnx.split(clip)
         encode = jax.jit(lambda s, ids: nnx.merge(graphdef, s).text_features(ids))
-        stream = pipeline.eval_captions(captions, self.index, cfg.data, batch_size=cfg.eval.batch_size)
-        feats, pids = [], []
-        for batch in stream:
-            valid = batch["valid"]
-            feats.append(np.asarray(encode(state, batch["text"]))[valid])
-            pids.append(batch["pid"][valid])
-        labels = np.searchsorted(np.unique(self.index.pids), np.concatenate(pids))
-        return jnp.asarray(common.class_means(np.concatenate(feats), labels, self.num_classes))
+        shard = pipeline.Shard.from_jax()
+        stream = pipeline.eval_captions(captions, self.index, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
+                                        shard=shard)
+        out = common.encode_stream(stream, "text", lambda b: encode(state, b["text"]), mesh_lib.make_mesh(cfg.mesh))
+        labels = np.searchsorted(np.unique(self.index.pids), out["pid"])
+        return jnp.asarray(common.class_means(out["feats"], labels, self.num_classes))
 
     def train_stream(self, shard):
         return pipeline.pk_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard,

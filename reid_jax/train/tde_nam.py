@@ -129,7 +129,7 @@ class Task:
         encode_txt = jax.jit(lambda s, x: nnx.merge(graphdef, s).text_features(x))
         bs = cfg.eval.batch_size // shard.count
         img = common.encode_stream(pipeline.eval_images(source, cfg.data, batch_size=bs, shard=shard),
-                             "image", lambda b: encode_img(state, b["image"]), mesh)
+                                   "image", lambda b: encode_img(state, b["image"]), mesh)
         txt = common.encode_stream(pipeline.eval_captions(captions, index, cfg.data, batch_size=bs, shard=shard),
-                             "text", lambda b: encode_txt(state, b["text"]), mesh)
+                                   "text", lambda b: encode_txt(state, b["text"]), mesh)
         return img, txt
