@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reid_jax.losses import l2_normalize
+
 MAX_CHUNK_ELEMENTS = 1 << 25  # similarities per chunk ([C, G] float32 + int32 order: ~256 MiB)
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @jax.jit
@@ -63,7 +61,7 @@ def _evaluate(q, q_pid, q_cam, g, g_pid, g_cam, max_rank: int, chunk: int | None
     """Features q [Q, D], g [G, D] ranked by cosine similarity, or, if distances [Q, G] is given, by -distances."""
     g_pid, g_cam = jnp.asarray(g_pid, jnp.int32), jnp.asarray(g_cam, jnp.int32)
     if distances is None:  # rows: query features; a chunk's similarities come from _cosine_chunk
-        rows, g = _normalize(jnp.asarray(q, jnp.float32)), _normalize(jnp.asarray(g, jnp.float32))
+        rows, g = l2_normalize(jnp.asarray(q, jnp.float32)), l2_normalize(jnp.asarray(g, jnp.float32))
     else:  # rows: the similarities themselves
         rows = -jnp.asarray(distances, jnp.float32)
     n = rows.shape[0]

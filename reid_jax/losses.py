@@ -12,7 +12,8 @@ import optax
 SDM_EPS = 1e-8  # IRRA's epsilon inside log(q); kept as in the published code
 
 
-def _l2n(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows (last axis) scaled to unit length; zero rows stay zero."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -23,7 +24,7 @@ def sdm(image_feats: jax.Array, text_feats: jax.Array, pids: jax.Array, logit_sc
     target q_ij = 1[pid_i == pid_j] / (row count); each direction is mean_i KL(softmax(scale S_i) || q_i),
     computed as sum_j p_ij (log p_ij - log(q_ij + eps)). Returns the scalar L_i2t + L_t2i.
     """
-    sims = _l2n(text_feats.astype(jnp.float32)) @ _l2n(image_feats.astype(jnp.float32)).T  # [B_t, B_i]
+    sims = l2_normalize(text_feats.astype(jnp.float32)) @ l2_normalize(image_feats.astype(jnp.float32)).T  # [B_t, B_i]
     same = (pids[:, None] == pids[None, :]).astype(jnp.float32)
     q = same / same.sum(axis=1, keepdims=True)
     log_q = jnp.log(q + SDM_EPS)
@@ -38,7 +39,8 @@ def sdm(image_feats: jax.Array, text_feats: jax.Array, pids: jax.Array, logit_sc
 def itc(image_feats: jax.Array, text_feats: jax.Array, logit_scale: float = 50.0) -> jax.Array:
     """CLIP's image-text contrastive loss (IRRA's optional 'itc' term): row i of each is a matched pair, every other
     row a negative; (CE(image->text) + CE(text->image)) / 2 over logits scale * cos. [B, D] each -> scalar."""
-    logits = logit_scale * _l2n(image_feats.astype(jnp.float32)) @ _l2n(text_feats.astype(jnp.float32)).T
+    img, txt = l2_normalize(image_feats.astype(jnp.float32)), l2_normalize(text_feats.astype(jnp.float32))
+    logits = logit_scale * img @ txt.T
     labels = jnp.arange(logits.shape[0])
     return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
 
@@ -86,7 +88,7 @@ def triplet_hard(feats: jax.Array, pids: jax.Array, margin: float = 0.3) -> jax.
 def prototype_contrast(feats: jax.Array, memory: jax.Array, labels: jax.Array, temperature: float = 0.01) -> jax.Array:
     """MUVA's prototype contrast: CE over cos(f, memory) / temperature. feats [B, D] (normalised here), memory
     [C, D] (unit rows), labels [B] -> scalar."""
-    return cross_entropy(_l2n(feats.astype(jnp.float32)) @ memory.T / temperature, labels)
+    return cross_entropy(l2_normalize(feats.astype(jnp.float32)) @ memory.T / temperature, labels)
 
 
 def mask_bce(logits: jax.Array, target: jax.Array) -> jax.Array:

@@ -7,9 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from reid_jax.losses import l2_normalize
 
 
 def update_hard(memory: jax.Array, feats: jax.Array, labels: jax.Array, momentum: float = 0.2) -> jax.Array:

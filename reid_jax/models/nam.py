@@ -19,14 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from reid_jax import tokenizer
+from reid_jax.losses import l2_normalize
 
 MODES = ("nam", "uniform", "none")
 UNSEEN = -2.0  # similarity-table value of a token not seen yet (a cosine similarity is >= -1). Not NaN: a
                # multi-process device_put checks that every process holds the same values, and NaN != NaN.
-
-
-def _l2n(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def token_similarity(image_layers, text_layers, model, layer: int, num_prefix_tokens: int) -> jax.Array:
@@ -35,8 +32,8 @@ def token_similarity(image_layers, text_layers, model, layer: int, num_prefix_to
     image_layers / text_layers: the towers' per-block outputs (`return_layers=True`), each [B, T, D];
     num_prefix_tokens: CLS + extra tokens before the patches.
     """
-    img = _l2n(model.visual.project(image_layers[layer - 1][:, num_prefix_tokens:]).astype(jnp.float32))
-    txt = _l2n(model.text.project(text_layers[layer - 1]).astype(jnp.float32))
+    img = l2_normalize(model.visual.project(image_layers[layer - 1][:, num_prefix_tokens:]).astype(jnp.float32))
+    txt = l2_normalize(model.text.project(text_layers[layer - 1]).astype(jnp.float32))
     return jax.lax.stop_gradient(jnp.max(jnp.einsum("bld,bpd->blp", txt, img), axis=-1))
 
 

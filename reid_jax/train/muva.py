@@ -38,7 +38,7 @@ from reid_jax.models import muva as muva_lib
 from reid_jax.models import posemb
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
-from reid_jax.models.memory import l2_normalize, update_hard
+from reid_jax.models.memory import update_hard
 from reid_jax.train import common, loop, mesh as mesh_lib
 
 GRANULARITIES = ("person", "head of a person", "upper body of a person", "legs of a person")
@@ -138,7 +138,7 @@ class Task:
         @jax.jit
         def encode(state, images, boxes):
             masks = self._pseudo_masks(boxes) if r else None
-            return l2_normalize(nnx.merge(graphdef, state).image_features(images, masks))
+            return losses.l2_normalize(nnx.merge(graphdef, state).image_features(images, masks))
 
         shard = pipeline.Shard.from_jax()
         stream = pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
@@ -146,7 +146,7 @@ class Task:
         out = common.encode_stream(stream, "image", lambda b: encode(state, b["image"], b["part_boxes"]),
                                    mesh_lib.make_mesh(cfg.mesh))
         means = common.class_means(out["feats"], relabel(self.index.pids)[0], self.num_classes)
-        return np.asarray(l2_normalize(jnp.asarray(means)))
+        return np.asarray(losses.l2_normalize(jnp.asarray(means)))
 
     def _prompt_specs(self) -> list[tuple[np.ndarray, np.ndarray]]:
         s1 = self.config.stage1
@@ -176,7 +176,7 @@ class Task:
         def step(ctx, opt_state, ids):
             def loss_fn(ctx):
                 text = self._text_features(nnx.merge(graphdef, state), ctx[ids], specs)
-                return losses.cross_entropy(l2_normalize(text) @ centres.T / s1.temperature, ids)
+                return losses.cross_entropy(losses.l2_normalize(text) @ centres.T / s1.temperature, ids)
 
             loss, grads = jax.value_and_grad(loss_fn)(ctx)
             updates, opt_state = tx.update(grads, opt_state)
