@@ -35,15 +35,17 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from reid_jax.errors import UserError
+
 NUM_PARTS = 3  # head, upper body, legs
 NO_BOXES = np.full((NUM_PARTS, 4), -1.0, np.float32)
 
 
-class BadItem(ValueError):
+class BadItem(UserError, ValueError):
     """An item that breaks the dataset's rules; the message names the file (and line) and what was expected."""
 
 
-class ManualDirError(FileNotFoundError):
+class ManualDirError(UserError, FileNotFoundError):
     """The manual folder is missing or does not hold the expected layout; the message has the instructions."""
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
 
+from reid_jax.errors import UserError
 from reid_jax.models import posemb as posemb_lib
 from reid_jax.models.clip import CLIP, CLIPConfig
 
@@ -45,7 +46,7 @@ _NOT_WEIGHTS = {"input_resolution", "context_length", "vocab_size"}  # stored in
 _PREFIXES = ("module.", "base_model.", "clip.")  # DDP, IRRA and wrapper prefixes
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
