@@ -5,6 +5,7 @@ The reference is OpenAI's own model code (clip-anytorch's `clip/model.py`) at a 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -217,7 +218,6 @@ def test_half_converted_dst_is_reported(sources, tmp_path):
     with pytest.raises(convert.CheckpointError, match="incomplete or damaged") as e:
         clip_lib.load_pretrained(dst)
     assert str(dst) in str(e.value)
-    import shutil
     shutil.rmtree(dst / "params")
     with pytest.raises(convert.CheckpointError, match="params/ is missing"):
         clip_lib.load_pretrained(dst)
@@ -235,3 +235,185 @@ def test_cli_subprocess_and_lazy_torch(sources, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ DST: what --overwrite may touch
+def _tree(root):
+    """{relative path: (mode, bytes or None for folders)} of everything under root."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_mode, None if name in dirs else open(p, "rb").read())
+    return out
+
+
+def _one_line_error(text, *needles):
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    assert all(n in lines[0] for n in needles), text
+
+
+@pytest.fixture
+def no_read(monkeypatch):
+    """A spy on read_source: the tests below need DST refused before the source is read at all."""
+    calls = []
+    monkeypatch.setattr(convert, "read_source", lambda path: calls.append(path) or pytest.fail("source was read"))
+    return calls
+
+
+def test_overwrite_leaves_a_folder_that_is_not_a_conversion(sources, tmp_path):
+    """The CLI as a user runs it: a folder of notes at DST survives --overwrite, with a one-line error."""
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "todo.txt").write_text("buy milk\n")
+    (notes / "sub" / "config.json").write_text('{"format": "something else"}')
+    before = _tree(notes)
+    run = subprocess.run([sys.executable, "-m", "reid_jax.convert", str(sources / "ViT-tiny.pt"), str(notes),
+                          "--overwrite"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 1
+    _one_line_error(run.stderr, str(notes), "not an earlier reid-jax conversion")
+    assert _tree(notes) == before and sorted(os.listdir(tmp_path)) == ["notes"]
+
+
+@pytest.mark.parametrize("case", ["plain folder", "empty folder", "bad config", "conversion plus notes"])
+def test_overwrite_refuses_before_reading_the_source(sources, tmp_path, capfd, no_read, case):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    if case == "plain folder":
+        (dst / "model.pt").write_bytes(b"mine")
+    elif case == "bad config":
+        (dst / "config.json").write_text("{not json")
+    elif case == "conversion plus notes":
+        (dst / "config.json").write_text(json.dumps({"format": convert.FORMAT}))
+        (dst / "params").mkdir()
+        (dst / "notes.txt").write_text("results of run 3")
+    before = _tree(dst)
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst), "--overwrite"]) == 1
+    _one_line_error(capfd.readouterr().err, str(dst), "notes.txt" if case == "conversion plus notes" else
+                    "not an earlier reid-jax conversion")
+    assert _tree(dst) == before and os.listdir(tmp_path) == ["dst"] and no_read == []
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_dst_a_file_is_refused_before_reading_the_source(sources, tmp_path, capfd, no_read, overwrite):
+    dst = tmp_path / "weights"
+    dst.write_text("a file the user keeps")
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst), *overwrite]) == 1
+    _one_line_error(capfd.readouterr().err, str(dst), "is not a folder")
+    assert dst.read_text() == "a file the user keeps" and os.listdir(tmp_path) == ["weights"] and no_read == []
+
+
+def test_unwritable_dst_fails_before_reading_the_source(sources, tmp_path, capfd, no_read):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(afile / "sub" / "dst")]) == 1
+    _one_line_error(capfd.readouterr().err, str(afile / "sub" / "dst"), f"{afile} is a file")
+    if os.geteuid() == 0:  # root writes through any mode bits; /sys refuses even root
+        locked = "/sys"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+    assert convert.main([str(sources / "ViT-tiny.pt"), f"{locked}/new/dst"]) == 1
+    _one_line_error(capfd.readouterr().err, f"{locked}/new/dst", "cannot create it")
+    assert sorted(os.listdir(tmp_path)) == ["afile"] + ([] if os.geteuid() == 0 else ["locked"])
+    assert not os.path.exists(f"{locked}/new") and no_read == []
+
+
+def test_output_permissions_are_a_plain_mkdirs_and_paths_expand(sources, tmp_path, monkeypatch):
+    """Folders get 0o777 & ~umask and files 0o666 & ~umask, as mkdir and a plain open give; ~ and $VARS expand."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CKPTS", str(sources))
+    old = os.umask(0o027)
+    try:
+        assert convert.main(["$CKPTS/ViT-tiny.pt", "~/models/clip"]) == 0
+        os.mkdir(tmp_path / "ref_dir")
+        (tmp_path / "ref_file").write_text("")
+    finally:
+        os.umask(old)
+    dst = tmp_path / "home" / "models" / "clip"
+    want = {True: os.stat(tmp_path / "ref_dir").st_mode, False: os.stat(tmp_path / "ref_file").st_mode}
+    assert want == {True: 0o40750, False: 0o100640}
+    for path in [dst, dst.parent] + list(dst.rglob("*")):
+        assert os.stat(path).st_mode == want[path.is_dir()], path
+    assert sorted(os.listdir(dst)) == ["config.json", "params"]
+
+
+# ---------------------------------------------------------------------------------- crash-safe replacement
+@pytest.fixture(scope="module")
+def conversion(sources, tmp_path_factory):
+    """One finished conversion (image size 32,32) to copy as the 'old' DST."""
+    dst = tmp_path_factory.mktemp("conversion") / "clip"
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst), "--image-size=32,32", "--stride=8"]) == 0
+    return dst
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _image_size(dst):
+    return json.loads((dst / "config.json").read_text())["model"]["vision"]["image_size"]
+
+
+def test_rerun_cleans_what_a_killed_overwrite_left(sources, conversion, tmp_path):
+    """The states a kill leaves at each instant of a conversion: DST is always a whole conversion, and the rerun
+    removes the dead run's leftovers and keeps a live run's."""
+    dst, dead = tmp_path / "clip", _dead_pid()
+    shutil.copytree(conversion, dst)
+    (tmp_path / f".clip.tmp-{dead}-0badf00d" / "params").mkdir(parents=True)  # killed while writing
+    (tmp_path / f".clip.old-{dead}-0badf00d" / "params").mkdir(parents=True)  # killed while deleting the old one
+    (tmp_path / f".clip.old-{dead}").mkdir()  # the name earlier versions used
+    live = tmp_path / f".clip.tmp-{os.getpid()}-12345678"  # a run still going
+    live.mkdir()
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst), "--image-size=48,16", "--stride=8",
+                         "--overwrite"]) == 0
+    assert _image_size(dst) == [48, 16] and sorted(os.listdir(tmp_path)) == [live.name, "clip"]
+
+
+def test_rerun_restores_the_old_conversion_a_kill_left_outside_dst(sources, conversion, tmp_path, capfd, no_read):
+    """Where the atomic exchange is missing, a kill between its two renames leaves DST absent: the rerun puts the
+    old conversion back before anything else."""
+    dst, dead = tmp_path / "clip", _dead_pid()
+    shutil.copytree(conversion, tmp_path / f".clip.old-{dead}-0badf00d")
+    shutil.copytree(conversion, tmp_path / f".clip.tmp-{dead}-0badf00d")
+    assert convert.main([str(sources / "ViT-tiny.pt"), str(dst)]) == 1  # restored, then: exists
+    err = capfd.readouterr().err
+    assert "restored the earlier conversion" in err and "already exists" in err
+    assert _tree(dst) == _tree(conversion) and os.listdir(tmp_path) == ["clip"]
+
+
+def test_swap_replaces_dst_in_one_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "new").write_text("")
+    (b / "old").write_text("")
+    if not convert._exchange(a, b):
+        pytest.skip("this file system has no atomic exchange (the two-rename fallback is tested below)")
+    assert os.listdir(a) == ["old"] and os.listdir(b) == ["new"]
+
+
+def test_fallback_swap_and_a_failed_rename_keep_dst(sources, conversion, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert, "_exchange", lambda a, b: False)
+    dst = tmp_path / "clip"
+    shutil.copytree(conversion, dst)
+    before = _tree(dst)
+    real_rename = convert.Path.rename
+
+    def failing_rename(self, target):  # the second rename (new -> DST) fails: the old one must come back
+        if self.name.startswith(".clip.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(convert.Path, "rename", failing_rename)
+    args = [str(sources / "ViT-tiny.pt"), str(dst), "--image-size=48,16", "--stride=8", "--overwrite"]
+    assert convert.main(args) == 1
+    assert _tree(dst) == before and os.listdir(tmp_path) == ["clip"]
+    monkeypatch.setattr(convert.Path, "rename", real_rename)
+    assert convert.main(args) == 0
+    assert _image_size(dst) == [48, 16] and os.listdir(tmp_path) == ["clip"]
