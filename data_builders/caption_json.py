@@ -5,8 +5,9 @@ IMAGE: entries that name the same image have their captions merged, verbatim and
 `id` as given (IRRA trains on id - 1 for CUHK-PEDES; the input pipeline relabels, so the raw id is kept here).
 There are no cameras (camid -1) and the captions are human-written (caption_sources []).
 
-An entry with a missing or mistyped field, an unknown split, a missing image, or a second entry that gives the
-same image another id or split is a BadItem naming the JSON file and the entry's index.
+An entry with a missing or mistyped field, no captions or an empty (blank) one, an unknown split, a missing image,
+or a second entry that gives the same image another id or split is a BadItem naming the JSON file and the entry's
+index.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class CaptionJson(ReIDBuilder, skip_registration=True):
         captions = entry.get("captions")
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             return f"{expected}; \"captions\" is {captions!r}"
+        if not captions:
+            return f"{expected}; \"captions\" is [] (an entry needs at least one caption)"
+        empty = [i for i, c in enumerate(captions) if not c.strip()]
+        if empty:
+            return f"{expected}; caption {empty[0]} is empty ({captions[empty[0]]!r}): fix or remove it"
         if entry.get("split") not in self.SPLITS:
             return f"{expected}; \"split\" is {entry.get('split')!r}"
         return None

@@ -16,8 +16,9 @@ them all; a field a dataset lacks holds its "absent" value:
 TFDS writes a split into a temporary folder and renames it when complete, so an interrupted build never reads
 as complete. A subclass implements `_examples(manual_dir) -> {split: iterable of (key, example)}`; for an item that
 breaks the dataset's rules it yields a `BadItem` (yielded, not raised, so the split can go on), which stops the
-build with the file named, or with `skip_bad=True` is skipped and counted in the log. Corrupt or truncated
-images are caught here, by decoding each one.
+build with the file named, or with `skip_bad=True` is skipped and counted in the log. Every image is decoded
+here: a corrupt or truncated one is a BadItem, and one that is not 8-bit RGB (CMYK JPEG, RGBA/grayscale/palette
+/16-bit PNG) is stored as PIL's `.convert('RGB')` of it (alpha dropped), as PIL-based ReID loaders read it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,18 @@ class BadItem(UserError, ValueError):
 
 
 class ManualDirError(UserError, FileNotFoundError):
-    """The manual folder is missing or does not hold the expected layout; the message has the instructions."""
+    """The manual folder is missing or does not hold the expected layout.
+
+    `message` is the one-line error, `instructions` the dataset's MANUAL_DOWNLOAD_INSTRUCTIONS (where to get the
+    data, the layout expected); str() holds both, a CLI prints the message as its error line and the layout after.
+    """
+
+    def __init__(self, message: str, instructions: str = ""):
+        super().__init__(message)
+        self.message, self.instructions = message, instructions
+
+    def __str__(self) -> str:
+        return f"{self.message}\n{self.instructions}" if self.instructions else self.message
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -71,18 +83,39 @@ def example(image: bytes | Path, file_name: str, pid: int, camid: int = -1, capt
             "part_boxes": NO_BOXES if part_boxes is None else np.asarray(part_boxes, np.float32)}
 
 
-def check_image(data: bytes, name: str) -> bytes:
-    """Decodes the whole image to catch corrupt or truncated files; returns the bytes unchanged."""
+def rgb_image(data: bytes, name: str) -> bytes:
+    """Decodes the whole image (catching corrupt or truncated files); returns 8-bit RGB JPEG/PNG bytes: `data`
+    itself when it already is one, else PNG (lossless) of PIL's `.convert('RGB')` of it."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if img.mode not in ("RGB", "L", "RGBA", "P", "CMYK"):
-                raise BadItem(f"{name}: unsupported image mode {img.mode}; expected an RGB image")
+            if img.mode == "RGB" and img.format in ("JPEG", "PNG") and not _wide_png(data):
+                return data
+            try:
+                rgb = img.convert("RGB")
+            except ValueError as e:  # modes PIL cannot turn into RGB (e.g. 'La')
+                raise BadItem(f"{name}: image mode {img.mode} cannot be converted to RGB ({e}); expected an RGB, "
+                              f"grayscale, palette, RGBA or CMYK JPEG/PNG") from None
     except BadItem:
         raise
     except Exception as e:  # PIL raises several types for broken files
         raise BadItem(f"{name}: corrupt or truncated image ({e}); expected a readable JPEG/PNG") from None
-    return data
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _read_bytes(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:  # unreadable (permissions, a folder named like an image): the item is bad, not the build
+        raise BadItem(f"{name}: cannot read the image ({e.strerror}); expected a readable JPEG/PNG file") from None
+
+
+def _wide_png(data: bytes) -> bool:
+    """A PNG with 16 bits per channel (IHDR bit depth, byte 24): PIL reads it as 'RGB' but other decoders (OpenCV,
+    which TFDS prefers when installed) keep 16 bits, so it is re-encoded at 8 like every other conversion."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] != 8
 
 
 def read_part_boxes(path: str | Path) -> dict[str, np.ndarray]:
@@ -116,21 +149,33 @@ def caption_records(path: Path, where: str):
             except json.JSONDecodeError as e:
                 yield BadItem(f"{where}:{lineno}: malformed JSON ({e.msg}, column {e.colno}); {expected}")
                 continue
-            if (isinstance(rec, dict) and isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str)
+            if not (isinstance(rec, dict) and isinstance(rec.get("image"), str) and isinstance(rec.get("caption"), str)
                     and isinstance(rec.get("source", ""), str)):
-                yield rec["image"], rec["caption"], rec.get("source") or path.stem
-            else:
                 yield BadItem(f"{where}:{lineno}: {expected}; found {line.strip()!r}")
+            elif not rec["caption"].strip():
+                yield BadItem(f"{where}:{lineno}: empty caption for {rec['image']!r}; {expected} with a non-empty "
+                              f"caption (remove the line or caption the image again)")
+            else:
+                yield rec["image"], rec["caption"], rec.get("source") or path.stem
 
 
-def read_captions(path: str | Path) -> dict[str, list[tuple[str, str]]]:
-    """captions.jsonl (`reid_jax.captioning caption` output) -> {image path: [(caption, source), ...]}."""
+def read_captions(path: str | Path, skip_bad: bool = False) -> dict[str, list[tuple[str, str]]]:
+    """captions.jsonl (`reid_jax.captioning caption` output) -> {image path: [(caption, source), ...]}.
+
+    A bad line stops the build, or with `skip_bad` is skipped and counted in the log."""
     captions: dict[str, list[tuple[str, str]]] = {}
+    skipped = 0
     for record in caption_records(Path(path), str(path)):
         if isinstance(record, BadItem):
-            raise record
+            if not skip_bad:
+                raise BadItem(f"{record}\n(pass --skip_bad to skip such lines and count them in the log)")
+            skipped += 1
+            logging.warning("%s: skipped %s", path, record)
+            continue
         image, caption, source = record
         captions.setdefault(image, []).append((caption, source))
+    if skipped:
+        logging.warning("%s: %d bad lines skipped", path, skipped)
     return captions
 
 
@@ -156,6 +201,14 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # TFDS 4.9's own lookup imports `importlib_resources`, which it only installs for Python < 3.9.
         return epath.Path(inspect.getfile(cls))
 
+    # TFDS prints download sizes (there is no download) and "prepared to <dir>. Subsequent calls will reuse this
+    # data", naming the staging folder data.build builds in; data.build says itself where the build landed.
+    def _log_download_bytes(self) -> None:
+        logging.info("building %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        logging.info("built %s in %s", self.name, self.data_dir)
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features(),
                                      homepage=self.HOMEPAGE or None)
@@ -175,13 +228,13 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         try:
             return Path(dl_manager.manual_dir)
         except AssertionError:  # TFDS's way of saying the folder is missing or empty
-            raise ManualDirError(f"{self.name}: the manual folder {dl_manager._manual_dir} is missing or empty.\n"
-                                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+            raise ManualDirError(f"{self.name}: the manual folder {dl_manager._manual_dir} is missing or empty",
+                                 self.MANUAL_DOWNLOAD_INSTRUCTIONS) from None
 
     def _split_generators(self, dl_manager):
         manual_dir = self._manual_dir(dl_manager) if self._needs_manual_dir() else None
         boxes = read_part_boxes(self._part_boxes_file) if self._part_boxes_file else {}
-        captions = read_captions(self._captions_file) if self._captions_file else {}
+        captions = read_captions(self._captions_file, self._skip_bad) if self._captions_file else {}
         return {split: self._checked(split, items, boxes, captions)
                 for split, items in self._examples(manual_dir).items()}
 
@@ -194,8 +247,8 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     raise item
                 key, ex = item
                 if isinstance(ex["image"], Path):
-                    ex["image"] = ex["image"].read_bytes()
-                check_image(ex["image"], ex["file_name"])
+                    ex["image"] = _read_bytes(ex["image"], ex["file_name"])
+                ex["image"] = rgb_image(ex["image"], ex["file_name"])
             except BadItem as e:
                 if not self._skip_bad:
                     raise BadItem(f"{e}\n(pass --skip_bad to skip such items and count them in the log)") from None

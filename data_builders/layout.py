@@ -15,7 +15,8 @@ def require(builder, manual_dir: Path, names: Iterable[str]) -> None:
     for name in names:
         if not (manual_dir / name).exists():
             raise ManualDirError(f"{builder.name}: {manual_dir / name} not found; the manual folder {manual_dir} "
-                                 f"does not hold the expected layout.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+                                 f"does not hold the expected layout (shown below)",
+                                 builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
 
 
 def is_image(path: Path) -> bool:

@@ -45,8 +45,8 @@ LUPerson-MLLM/ folder as --manual_dir."""
         require(self, manual_dir, ["images", "captions"])
         files = sorted(p for p in (manual_dir / "captions").iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
-            raise ManualDirError(f"{self.name}: no *.json or *.jsonl caption files in {manual_dir / 'captions'}.\n"
-                                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            raise ManualDirError(f"{self.name}: no *.json or *.jsonl caption files in {manual_dir / 'captions'}; "
+                                 f"the expected layout is shown below", self.MANUAL_DOWNLOAD_INSTRUCTIONS)
         images = images_in(manual_dir / "images", recursive=True)
         return {"train": self._train(manual_dir, images, files)}
 
@@ -106,7 +106,10 @@ def _json_records(path: Path, where: str):
         yield BadItem(f"{where}: expected a JSON object {{\"image path\": \"caption\"}}, found {type(data).__name__}")
         return
     for image, caption in data.items():
-        if isinstance(caption, str):
-            yield image, caption, path.stem
-        else:
+        if not isinstance(caption, str):
             yield BadItem(f"{where}: {image!r} maps to {caption!r}; expected a caption string")
+        elif not caption.strip():
+            yield BadItem(f"{where}: {image!r} maps to an empty caption {caption!r}; expected a non-empty caption "
+                          f"string (remove the key or caption the image again)")
+        else:
+            yield image, caption, path.stem
