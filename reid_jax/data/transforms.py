@@ -17,11 +17,23 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from reid_jax.errors import UserError
+
 MEANS_STDS = {  # name -> (mean, std) per RGB channel, in [0, 1] pixel units
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # MUVA / CLIP-ReID DG setting
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+
+
+def check_rgb(image: np.ndarray) -> np.ndarray:
+    """`image` if it is uint8 [H, W, 3]; else a one-line error saying to rebuild the dataset (builds before the
+    RGB conversion stored CMYK/RGBA/grayscale images as they were, and normalize would fail on the shape)."""
+    if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        return image
+    raise UserError(f"an image of shape {list(image.shape)} ({image.dtype}) reached the input pipeline, expected "
+                    f"uint8 [H, W, 3]: the dataset was built by an older reid-jax that kept CMYK/RGBA/grayscale "
+                    f"images as they were; rebuild it with `python -m reid_jax.data.build NAME ... --force`")
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -97,7 +109,7 @@ def erase_value(cfg: ml_collections.ConfigDict, shape: tuple[int, ...], rng: np.
 def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [h, w, 3], boxes [R, 4] -> float32 [H, W, 3] normalised, boxes [R, 4]; `cfg` is config.data.aug."""
-    image = resize(image, tuple(cfg.image_size))
+    image = resize(check_rgb(image), tuple(cfg.image_size))
     if rng.random() < cfg.flip_prob:
         image, boxes = hflip(image, boxes)
     image, boxes = pad_crop(image, boxes, cfg.pad, rng)
@@ -110,7 +122,7 @@ def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.Co
 
 def eval_transform(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 [h, w, 3] -> float32 [H, W, 3] resized and normalised."""
-    return normalize(resize(image, tuple(cfg.image_size)), cfg.mean_std)
+    return normalize(resize(check_rgb(image), tuple(cfg.image_size)), cfg.mean_std)
 
 
 def default_config() -> ml_collections.ConfigDict:
