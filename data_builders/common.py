@@ -263,3 +263,6 @@ class ReIDBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             count += 1
             yield key, ex
         logging.info("%s/%s: %d examples written, %d bad items skipped", self.name, split, count, skipped)
+        if not count:  # TFDS would fail with an AssertionError traceback ("No examples were yielded")
+            raise UserError(f"{self.name}/{split}: no examples to write ({skipped} bad items skipped); a split "
+                            f"cannot be empty: the manual folder must hold at least one good item for it")
