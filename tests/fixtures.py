@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 SIZE = (8, 16)  # PIL (width, height): images read back as [16, 8, 3]
@@ -229,3 +230,47 @@ def luperson_mllm(root: Path):
 WRITERS = {"market1501": market1501, "dukemtmc_reid": dukemtmc_reid, "occluded_duke": occluded_duke,
            "cuhk03_np": cuhk03_np, "msmt17": msmt17, "cuhk_pedes": cuhk_pedes, "icfg_pedes": icfg_pedes,
            "rstp_reid": rstp_reid, "luperson_mllm": luperson_mllm}
+
+
+# ---------------------------------------------------------------------------------- images not in 8-bit RGB
+# mode -> suffix. What a PIL-based ReID loader reads from each is `Image.open(p).convert('RGB')`.
+ODD_MODES = {"CMYK": ".jpg", "L": ".jpg", "RGBA": ".png", "LA": ".png", "P": ".png", "I;16": ".png"}
+
+
+def odd_image(root: Path, rel: str, mode: str):
+    """Writes a non-constant 8x16 image of `mode` at root/rel; returns the uint8 [16, 8, 3] RGB a loader must read,
+    worked out from the written values (not by PIL's convert): alpha dropped, grey replicated, palette looked up;
+    for CMYK, (255 - C) * (255 - K) / 255 per channel of the decoded JPEG (exact to +-1 rounding)."""
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(int.from_bytes(hashlib.md5(rel.encode()).digest()[:4], "little"))
+    h, w = SIZE[1], SIZE[0]
+    if mode == "P":
+        palette = rng.integers(0, 256, (4, 3), dtype=np.uint8)
+        index = rng.integers(0, 4, (h, w), dtype=np.uint8)
+        img = Image.fromarray(index, "P")
+        img.putpalette(palette.reshape(-1).tolist())
+        img.save(path)
+        return palette[index]
+    if mode == "I;16":  # 16 bits per pixel; values kept <= 255 so that no scaling convention is involved
+        grey = rng.integers(0, 256, (h, w)).astype(np.uint16)
+        Image.frombytes("I;16", SIZE, grey.astype("<u2").tobytes()).save(path)
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+    channels = {"CMYK": 4, "L": 1, "RGBA": 4, "LA": 2}[mode]
+    values = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    if mode == "CMYK":  # smooth, so that JPEG keeps it close; the expectation comes from the decoded file
+        values = np.broadcast_to(values.mean(axis=(0, 1), dtype=np.float64).astype(np.uint8), values.shape).copy()
+        values[:, :, 0] = np.linspace(0, 200, w, dtype=np.uint8)[None, :]
+    img = Image.frombytes(mode, SIZE, values.tobytes())
+    if path.suffix == ".jpg":
+        img.save(path, format="JPEG", quality=95)
+    else:
+        img.save(path)
+    if mode == "CMYK":
+        with Image.open(path) as back:
+            cmyk = np.asarray(back, np.float64)
+        return np.round((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255).astype(np.uint8)
+    if mode == "L":
+        with Image.open(path) as back:  # JPEG: the expectation is the decoded grey, replicated
+            values = np.asarray(back)[..., None]
+    return np.repeat(values[..., :1], 3, axis=-1) if channels <= 2 else values[..., :3]
