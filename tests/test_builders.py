@@ -46,8 +46,18 @@ def _check(name, data_dir, expected, config=None):
             assert _text(ex["domain"]) == name
             img = ex["image"]
             assert img.dtype == np.uint8 and img.shape == (16, 8, 3), file_name
-            np.testing.assert_allclose(img.reshape(-1, 3), np.broadcast_to(exp.colour, (16 * 8, 3)), atol=4)
+            _assert_colour(img, exp.colour, lossless=file_name.endswith(".png"), where=file_name)
             np.testing.assert_array_equal(ex["part_boxes"], np.full((3, 4), -1, np.float32))
+
+
+# A flat colour through JPEG (quality 95, no chroma subsampling) comes back within a few levels of 255 whatever
+# the libjpeg build; PNG is lossless, so PNG pixels must be exact. No XLA kernel is involved in either.
+JPEG_LEVELS = 4
+
+
+def _assert_colour(img: np.ndarray, colour, lossless: bool, where: str):
+    error = np.abs(img.reshape(-1, 3).astype(int) - np.asarray(colour)).max()
+    assert error <= (0 if lossless else JPEG_LEVELS), f"{where}: pixels off by {error} levels of 255"
 
 
 def _manual(tmp_path, name, **kwargs):
