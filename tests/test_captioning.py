@@ -7,7 +7,9 @@ import itertools
 import json
 import re
 import shutil
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import pytest
 from data_builders.common import read_part_boxes
 from reid_jax.captioning import __main__ as cli
 from reid_jax.captioning import boxes as boxes_lib
-from reid_jax.captioning import calibration, captioner, masks, mock_server, store
+from reid_jax.captioning import calibration, captioner, masks, mock_server, runner, store
 from reid_jax.captioning import templates as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +228,7 @@ def test_rejected_request_is_not_retried_and_a_dead_server_aborts(rendered, serv
     code, summary = _run(["caption", "--images", images, "--out", out, "--server", server.url, "--model", "mock",
                           *FAST], capsys)
     assert summary["failed"] == 1 and summary.get("retries", 0) == 0  # HTTP 400: asking again would not help
+    assert code == 1 and "no image succeeded (1 tried, all failed)" in capsys.err_text
     assert "HTTP 400" in _lines(f"{out}.failed")[0]["error"] and "--model" in _lines(f"{out}.failed")[0]["error"]
 
     server.fail_next(*["500"] * 50)
@@ -516,8 +519,8 @@ def test_transformers_backend_end_to_end(rendered, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ CLI, bench
 def test_cli_errors_say_what_to_do(rendered, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--server URL and --model NAME are required"):
-        cli.main(["caption", "--images", str(rendered[0]), "--out", str(tmp_path / "o.jsonl")])
+    code = cli.main(["caption", "--images", str(rendered[0]), "--out", str(tmp_path / "o.jsonl")])
+    assert code == 2 and "--server URL and --model NAME are required" in capsys.readouterr().err
     code = cli.main(["caption", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o.jsonl"),
                      "--server", "http://127.0.0.1:9/v1", "--model", "m"])
     assert code == 1 and "--images" in capsys.readouterr().err
@@ -536,3 +539,130 @@ def test_bench_runs(tmp_path):
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["setting"] for r in rows] == ["bare_http", "concurrency=1", "concurrency=4"]
     assert all(r["images"] == 8 and r["ms_per_image"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------------------ exits a chained command can trust
+def _cli(args, timeout=60, **kw):
+    """The CLI in a subprocess, as a user or a script runs it; a hang fails the test instead of stalling it."""
+    return subprocess.run([sys.executable, "-m", "reid_jax.captioning", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _free_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.rstrip().endswith(errors[0]), stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("command", ["caption", "ground", "templates"])
+def test_server_down_stops_before_any_image(rendered, tmp_path, command):
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    out = tmp_path / "out.jsonl"
+    images = [] if command == "templates" else ["--images", rendered[0]]
+    run = _cli([command, *images, "--out", out, "--server", url, "--model", "m", "--retries", 0])
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.strip().splitlines() == [_error_line(run.stderr)]  # one line, nothing else
+    assert f"--server {url}" in run.stderr and "start the model server" in run.stderr
+    assert os.listdir(tmp_path) == []  # no output, no failure log: not one image was tried
+
+
+def test_a_run_where_every_image_failed_stops_a_chain(rendered, server, tmp_path):
+    """`caption ... && data.build --captions=...` must stop when the captions file holds nothing."""
+    images = tmp_path / "strangers"
+    for i, png in enumerate(sorted(rendered[0].rglob("*.png"))[:3]):  # images the server does not know: HTTP 400
+        (images / f"{i}.png").parent.mkdir(exist_ok=True)
+        (images / f"{i}.png").write_bytes(png.read_bytes()[:-20] + b"x" * 20)
+    out, chained = tmp_path / "captions.jsonl", tmp_path / "chained"
+    cmd = (f"{sys.executable} -m reid_jax.captioning caption --images {images} --out {out} --server {server.url} "
+           f"--model mock --retries 0 && touch {chained}")
+    run = subprocess.run(cmd, shell=True, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and not chained.exists()
+    assert "no image succeeded (3 tried, all failed)" in _error_line(run.stderr)
+    summary = json.loads(run.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (0, 3) and out.read_text() == ""
+    assert len(_lines(f"{out}.failed")) == 3
+
+
+def test_too_many_failures_exit_non_zero_and_the_rerun_finishes(rendered, server, tmp_path, capsys):
+    images, truth = rendered
+    keys = sorted(t.key for t in truth.values())
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", "--images", images, "--out", out, "--server", server.url, "--model", "mock", *FAST]
+    for key in keys[:2]:
+        server.fail(key, "leak", "leak", "leak")  # 1 + 2 content retries, all leak: failed
+    code, summary = _run(args, capsys)
+    # 2 of 24 failed: 8.3%, above the default 5%
+    assert code == 1 and (summary["succeeded"], summary["failed"]) == (N_IMAGES - 2, 2)
+    assert "2 of 24 images failed (8.3%, more than --max-failed-fraction 0.05)" in _error_line(capsys.err_text)
+    code, summary = _run(args, capsys)  # the server behaves now: the rerun does the two and succeeds
+    assert code == 0 and (summary["already_done"], summary["succeeded"], summary["failed"]) == (N_IMAGES - 2, 2, 0)
+    for key in keys[:2]:
+        server.fail(key, "leak", "leak", "leak")
+    code, summary = _run(["caption", "--images", images, "--out", tmp_path / "lenient.jsonl", "--server", server.url,
+                          "--model", "mock", "--max-failed-fraction", "0.1", *FAST], capsys)
+    assert code == 0 and summary["failed"] == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in args] + ["--max-failed-fraction", "5%"])
+    assert e.value.code == 2 and "expected a fraction between 0 and 1" in capsys.readouterr().err
+
+
+def test_fifo_and_broken_links_among_the_images_are_skipped(rendered, server, tmp_path):
+    images = tmp_path / "images"
+    for png in sorted(rendered[0].rglob("*.png"))[:3]:
+        (images / png.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, images / png.parent.name / png.name)
+    os.mkfifo(images / "stuck.png")  # opening it to read would wait for a writer forever
+    (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    for command in ("caption", "ground"):
+        out = tmp_path / f"{command}.jsonl"
+        run = _cli([command, "--images", images, "--out", out, "--server", server.url, "--model", "mock"])
+        assert run.returncode == 0, run.stderr
+        summary = json.loads(run.stdout)
+        assert (summary["images"], summary["not_regular"], summary["succeeded"]) == (3, 2, 3)
+        warned = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+        assert len(warned) == 1 and "skipped 2 entries" in warned[0] and "gone.jpg" in warned[0]
+        assert sorted(r["image"] for r in _lines(out)) == sorted(f"daylight/{p.name}" for p in
+                                                                 (images / "daylight").iterdir())
+    with pytest.raises(OSError, match="not a regular file"):  # a FIFO appearing after the listing fails at once
+        runner.read_image(images / "stuck.png")
+    run = _cli(["caption", "--images", images, "--out", images / "stuck.png", "--server", server.url, "--model",
+                "mock"])
+    assert run.returncode == 1 and "stuck.png: exists and is not a regular file" in _error_line(run.stderr)
+
+
+def test_path_flags_expand_home_and_variables(rendered, server, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    shutil.copytree(rendered[0], home / "imgs")
+    (home / "bank.txt").write_text("\n".join(T.TEMPLATES[:3]) + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RESULTS", str(tmp_path / "results"))
+    monkeypatch.chdir(tmp_path)
+    code, summary = _run(["caption", "--images", "~/imgs", "--out", "$RESULTS/captions.jsonl", "--templates",
+                          "~/bank.txt", "--server", server.url, "--model", "mock", "--limit", 2], capsys)
+    assert code == 0 and summary["succeeded"] == 2
+    assert {r["template_id"] for r in _lines(tmp_path / "results" / "captions.jsonl")} <= {0, 1, 2}
+    assert sorted(os.listdir(tmp_path)) == ["home", "results"]  # no literal '~' or '$RESULTS' folder
+    parser = cli.parser()
+    for command, flag in [("templates", "--out"), ("templates", "--bank"), ("caption", "--templates"),
+                          ("caption", "--model-path"), ("ground", "--images"), ("ground", "--out")]:
+        required = {"templates": ["--out", "x"], "caption": ["--images", "x", "--out", "x"],
+                    "ground": ["--images", "x", "--out", "x"]}[command]
+        args = parser.parse_args([command, *required, flag, "~/a/$RESULTS"])
+        assert getattr(args, flag[2:].replace("-", "_")) == Path(f"{home}/a/{tmp_path}/results"), (command, flag)
+    code, _ = _run(["caption", "--images", "~/imgs", "--out", "~/imgs/daylight/0001_c0_00.png/c.jsonl",
+                    "--server", server.url, "--model", "mock"], capsys)
+    assert code == 1 and "cannot create its folder" in _error_line(capsys.err_text)
+
+
+def test_unlisted_model_is_a_warning(rendered, server, tmp_path, capsys):
+    code, summary = _run(["caption", "--images", rendered[0], "--out", tmp_path / "c.jsonl", "--server", server.url,
+                          "--model", "mock-v2", "--limit", 1], capsys)
+    assert code == 0 and summary["succeeded"] == 1
+    assert "warning: --model 'mock-v2' is not among the models" in capsys.err_text and "(mock)" in capsys.err_text

@@ -5,7 +5,10 @@
   ground     head / upper-body / legs boxes per image, calibrated -> parts.jsonl for --part_boxes
 
 Every number below is a flag with its default shown by --help. Runs are resumable: rerun the same command after
-any crash and only the images not yet in --out are done.
+any crash and only the images not yet in --out are done. The server is asked for its model list once before a
+run starts (an unreachable --server stops there, with one line saying so); a run exits 1 when no image succeeded
+or more than --max-failed-fraction failed, so that `caption ... && data.build ...` does not go on with a
+half-empty file. Path flags expand ~ and $VARS. Errors are one line: exit 1, or 2 for a wrong command line.
 """
 
 from __future__ import annotations
@@ -22,6 +25,29 @@ from reid_jax.captioning import calibration, captioner, client, grounding, runne
 from reid_jax.captioning import templates as templates_lib
 from reid_jax.captioning.boxes import SCALES
 from reid_jax.captioning.hf_backend import LocalConfig
+from reid_jax.errors import EXIT_USAGE, UserError, expand_path, report, warn
+
+
+class UsageError(UserError):
+    """A flag combination that cannot work (exit 2, like argparse's own usage errors)."""
+
+
+def _path(text: str) -> Path:
+    """A path flag, with ~ and $VARS expanded (bash leaves `--out=~/x` as it is)."""
+    path = expand_path(text)
+    if path is None:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return path
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, such as 0.05; got {text!r}")
+    return value
 
 
 def _floats(n: int, name: str):
@@ -54,8 +80,9 @@ def _client_flags(p: argparse.ArgumentParser, default_max_tokens: int, default_t
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     r, f, loc = runner.RunConfig(), store.FlushConfig(), LocalConfig()
-    p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, help="output JSONL (appended to; a rerun resumes)")
+    p.add_argument("--images", required=True, type=_path,
+                   help="folder of images (searched recursively; only regular files are read)")
+    p.add_argument("--out", required=True, type=_path, help="output JSONL (appended to; a rerun resumes)")
     p.add_argument("--backend", choices=("openai", "transformers"), default="openai")
     p.add_argument("--concurrency", type=int, default=r.concurrency, help="requests in flight")
     p.add_argument("--flush-every", type=int, default=f.every, help="lines per flush")
@@ -63,12 +90,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsync", action="store_true", help="fsync each flush (survive power loss, slower)")
     p.add_argument("--abort-after", type=int, default=r.abort_after,
                    help="stop after this many images in a row failed (0 = never)")
+    p.add_argument("--max-failed-fraction", type=_fraction, default=r.max_failed_fraction,
+                   help="exit 1 when more than this fraction of the images tried failed (or none succeeded)")
     p.add_argument("--skip-failed", action="store_true", help="skip images a previous run logged in OUT.failed")
     p.add_argument("--limit", type=int, default=r.limit, help="do at most this many new images (0 = all)")
     p.add_argument("--log-seconds", type=float, default=r.log_seconds,
                    help="progress log period when stderr is not a terminal")
     g = p.add_argument_group("local model (--backend=transformers)")
-    g.add_argument("--model-path", type=Path, help="save_pretrained folder: processor (with chat template) + model")
+    g.add_argument("--model-path", type=_path, help="save_pretrained folder: processor (with chat template) + model")
     g.add_argument("--batch-size", type=int, default=loc.batch_size, help="images per generate call")
     g.add_argument("--device", default=loc.device, help="'auto', 'cuda', 'cuda:1', 'cpu'")
     g.add_argument("--dtype", default=loc.dtype, help="'auto' or a torch dtype such as bfloat16")
@@ -78,35 +107,64 @@ def _backend(args, stats: runner.Stats):
     """(backend, batch = images per job, concurrency, model name for the source field)."""
     if args.backend == "transformers":
         if not args.model_path:
-            sys.exit("error: --backend=transformers needs --model-path DIR (a save_pretrained folder)")
+            raise UsageError("--backend=transformers needs --model-path DIR (a save_pretrained folder)")
         from reid_jax.captioning.hf_backend import TransformersBackend
         local = LocalConfig(args.batch_size, args.max_tokens, args.temperature, args.device, args.dtype)
         return TransformersBackend(args.model_path, local), args.batch_size, 1, Path(args.model_path).name
     if not args.server or not args.model:
-        sys.exit(f"error: {args.command}: --server URL and --model NAME are required with --backend=openai "
-                 "(or pass --backend=transformers --model-path DIR)")
+        raise UsageError("--server URL and --model NAME are required with --backend=openai "
+                         "(or pass --backend=transformers --model-path DIR)")
     return _client(args, stats), 1, args.concurrency, args.model
 
 
 def _client(args, stats: runner.Stats) -> client.ChatClient:
+    """The HTTP client, once the server has answered (`_check_server`)."""
     api_key = args.api_key if args.api_key is not None else os.environ.get("OPENAI_API_KEY", "")
     cfg = client.ClientConfig(args.timeout, args.retries, args.backoff, args.backoff_max, args.max_tokens,
                               args.temperature, api_key)
+    probe = client.ChatClient(args.server, args.model, cfg, on_retry=_waiting(args.server))
+    _check_server(probe, args)  # its retries are waiting for the server, not the run's: not counted in stats
+    probe.close()
     return client.ChatClient(args.server, args.model, cfg, on_retry=lambda e: stats.add("retries"))
 
 
+def _waiting(server: str):
+    def on_retry(e: Exception) -> None:
+        logging.warning("--server %s: %s; trying again", server, e)
+    return on_retry
+
+
+def _check_server(chat: client.ChatClient, args) -> None:
+    """One model-list request before any image: a server that is down stops the run here, not image by image."""
+    try:
+        models = chat.models()
+    except client.RetryableError as e:
+        raise UserError(f"--server {args.server}: no usable answer ({e}); start the model server, or fix --server "
+                        "(the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1)") from None
+    except client.RequestError as e:
+        raise UserError(f"--server {args.server}: {e}") from None
+    if models is not None and args.model not in models:  # only a warning: Ollama answers 'llava' as 'llava:latest'
+        warn(f"--model {args.model!r} is not among the models {args.server} lists ({', '.join(models[:8])}); "
+             "if requests are refused, pass one of those")
+
+
 def _run(args, job, stats, batch: int, concurrency: int, desc: str) -> int:
-    cfg = runner.RunConfig(concurrency, args.abort_after, args.skip_failed, args.limit, args.log_seconds)
+    cfg = runner.RunConfig(concurrency, args.abort_after, args.skip_failed, args.limit, args.log_seconds,
+                           args.max_failed_fraction)
     flush = store.FlushConfig(args.flush_every, args.flush_seconds, args.fsync)
     summary = runner.run(args.images, args.out, job, stats, cfg, flush, batch, desc)
     print(json.dumps({"command": args.command, "out": str(args.out), **summary}), flush=True)
     logging.info("%s: %d succeeded, %d failed (logged in %s.failed), %d retries; %.1f s", desc,
                  summary["succeeded"], summary["failed"], args.out, summary.get("retries", 0), summary["elapsed_s"])
+    why = runner.verdict(summary, cfg, args.out)
+    if why:
+        raise runner.RunFailed(why)
     return 0
 
 
 def cmd_caption(args) -> int:
     stats = runner.Stats()
+    runner.check_folder(args.images)  # before the server check, which may wait for a server still loading
     bank = templates_lib.load_bank(args.templates)
     backend, batch, concurrency, name = _backend(args, stats)
     cfg = captioner.CaptionConfig(args.mode, args.source, args.content_retries, args.retry_temperature,
@@ -121,10 +179,11 @@ def cmd_ground(args) -> int:
     calib = calibration.CalibrationConfig(tuple(zip(args.bands[::2], args.bands[1::2])), args.min_height,
                                           args.min_width, args.max_height, not args.no_trim_legs)
     calib.validate()
+    runner.check_folder(args.images)
     names = tuple(n.strip() for n in args.part_names.split(","))
     if len(names) != len(calibration.PARTS):
-        sys.exit(f"error: --part-names needs {len(calibration.PARTS)} comma-separated names (head, upper body, "
-                 f"legs in that order); got {args.part_names!r}")
+        raise UsageError(f"--part-names needs {len(calibration.PARTS)} comma-separated names (head, upper body, "
+                         f"legs in that order); got {args.part_names!r}")
     cfg = grounding.GroundConfig(args.ask, args.part_prompt, args.joint_prompt, names, args.scale,
                                  args.content_retries, args.retry_temperature)
     backend, batch, concurrency, _ = _backend(args, stats)
@@ -134,7 +193,7 @@ def cmd_ground(args) -> int:
 
 def cmd_templates(args) -> int:
     if not args.server or not args.model:
-        sys.exit("error: templates: --server URL and --model NAME are required")
+        raise UsageError("--server URL and --model NAME are required")
     rules = templates_lib.TemplateRules(args.min_slots, max_similarity=args.max_similarity)
     start = args.out if args.out.exists() else args.bank  # an existing --out is grown further (resumable)
     bank = templates_lib.load_bank(start, rules)
@@ -157,7 +216,7 @@ def cmd_templates(args) -> int:
     try:
         kept, rejected = templates_lib.dialogue(bank, chat, dcfg, rules, on_round)
     except (client.RetryableError, client.RequestError) as e:
-        sys.exit(f"error: templates: {e}")
+        raise UserError(f"{e}; the rounds already done are saved in --out {args.out}: rerun to go on") from None
     templates_lib.save_bank(bank, args.out)
     print(json.dumps({"command": "templates", "out": str(args.out), "start": size0, "kept": len(kept),
                       "rejected": len(rejected), "bank": len(bank), "retries": stats.counts["retries"]}), flush=True)
@@ -172,8 +231,8 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("templates", help="grow the template bank with an LLM", formatter_class=fmt)
     dd, rr = templates_lib.DialogueConfig(), templates_lib.TemplateRules()
-    t.add_argument("--out", required=True, type=Path, help="bank file to write (grown further if it exists)")
-    t.add_argument("--bank", type=Path, default=None, help="bank to start from (default: the built-in one)")
+    t.add_argument("--out", required=True, type=_path, help="bank file to write (grown further if it exists)")
+    t.add_argument("--bank", type=_path, default=None, help="bank to start from (default: the built-in one)")
     t.add_argument("--rounds", type=int, default=dd.rounds, help="dialogue turns")
     t.add_argument("--per-round", type=int, default=dd.per_round, help="templates asked for per turn")
     t.add_argument("--examples", type=int, default=dd.examples, help="bank templates shown as examples")
@@ -186,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption every image", formatter_class=fmt)
     cc = captioner.CaptionConfig()
     c.add_argument("--mode", choices=captioner.MODES, default=cc.mode, help="static instruction or templates")
-    c.add_argument("--templates", type=Path, default=None, help="bank file (default: the built-in bank)")
+    c.add_argument("--templates", type=_path, default=None, help="bank file (default: the built-in bank)")
     c.add_argument("--source", default=cc.source, help="the 'source' field (default: <model>_<mode>)")
     c.add_argument("--content-retries", type=int, default=cc.content_retries,
                    help="asks again after an empty or slot-leaking caption (next template, --retry-temperature)")
@@ -221,17 +280,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (FileNotFoundError, ValueError, store.OutputError, runner.RunAborted)
-
-
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.set_verbosity(logging.INFO)
     try:
         return args.fn(args)
-    except USER_ERRORS as e:
-        print(f"error: {args.command}: {e}", file=sys.stderr)
-        return 1
+    except UsageError as e:
+        return report(UsageError(f"{args.command}: {e}"), EXIT_USAGE)
+    except UserError as e:
+        return report(UserError(f"{args.command}: {e}"))
     except KeyboardInterrupt:
         print(f"{args.command}: interrupted; what was written is kept, rerun the same command to resume",
               file=sys.stderr)

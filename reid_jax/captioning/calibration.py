@@ -20,8 +20,14 @@ import itertools
 
 import numpy as np
 
+from reid_jax.errors import UserError
+
 PARTS = ("head", "upper body", "legs")
 OK, TRIMMED, FALLBACK = "ok", "trimmed", "fallback"
+
+
+class CalibrationError(UserError, ValueError):
+    """Thresholds that cannot work (the --bands / --min-height / --max-height flags)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +43,10 @@ class CalibrationConfig:
     def validate(self) -> None:
         n = len(PARTS)
         if not (len(self.bands) == len(self.min_height) == len(self.max_height) == n):
-            raise ValueError(f"calibration: bands, min_height and max_height need {n} values (one per part)")
+            raise CalibrationError(f"calibration: bands, min_height and max_height need {n} values (one per part)")
         for (y0, y1), lo, hi in zip(self.bands, self.min_height, self.max_height):
             if not (0.0 <= y0 < y1 <= 1.0 and 0.0 <= lo < hi <= 1.0):
-                raise ValueError(f"calibration: band {(y0, y1)} or heights ({lo}, {hi}) out of order or "
+                raise CalibrationError(f"calibration: band {(y0, y1)} or heights ({lo}, {hi}) out of order or "
                                  "outside [0, 1]")
 
 

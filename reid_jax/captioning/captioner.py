@@ -18,7 +18,7 @@ from pathlib import Path
 
 from reid_jax.captioning import templates as templates_lib
 from reid_jax.captioning.client import MIME, Request, RequestError, RetryableError
-from reid_jax.captioning.runner import Outcome, Stats
+from reid_jax.captioning.runner import Outcome, Stats, read_image
 
 MODES = ("static", "template")
 # A caption holding one of these leaked template syntax; a superset of what the luperson_mllm builder drops.
@@ -81,7 +81,7 @@ def make_job(backend, root: Path, bank: list[str], cfg: CaptionConfig, source: s
         outcomes, images = [], {}
         for key in keys:
             try:
-                images[key] = (root / key).read_bytes()
+                images[key] = read_image(root / key)
             except OSError as e:
                 outcomes.append(Outcome(key, error=f"unreadable image: {e}"))
         pending, last = list(images), {}

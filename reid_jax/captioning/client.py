@@ -22,6 +22,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 
+from reid_jax.errors import UserError
+
 MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
         ".webp": "image/webp"}
 RETRY_STATUS = frozenset({408, 429})  # plus every 5xx
@@ -49,6 +51,10 @@ class RequestError(Exception):
     """A failure another try would not fix (4xx: unknown model, payload rejected); the message says what to do."""
 
 
+class ServerURLError(UserError, ValueError):
+    """A --server that is not an http(s) URL."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One question about one image (image None: a text-only chat, e.g. the template dialogue)."""
@@ -64,11 +70,25 @@ def chat_url(server: str) -> urllib.parse.SplitResult:
     """`http://host:port`, `.../v1` or `.../v1/chat/completions` -> the chat-completions URL."""
     url = urllib.parse.urlsplit(server.rstrip("/"))
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"--server {server!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+        raise ServerURLError(f"--server {server!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
     path = url.path
     if not path.endswith("/chat/completions"):
         path = (path if path.endswith("/v1") else path + "/v1") + "/chat/completions"
     return url._replace(path=path)
+
+
+def models_path(chat: urllib.parse.SplitResult) -> str:
+    """The model list beside the chat endpoint: `.../v1/chat/completions` -> `.../v1/models`."""
+    return chat.path[:-len("/chat/completions")] + "/models"
+
+
+def model_ids(body: bytes) -> list[str]:
+    """The ids of a `GET /v1/models` answer ({"data": [{"id": ...}, ...]}); RetryableError if it is not one."""
+    try:
+        return [str(m["id"]) for m in json.loads(body)["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise RetryableError(f"malformed model list (expected {{'data': [{{'id': ...}}]}}): "
+                             f"{body[:EXCERPT].decode('utf-8', 'replace')!r}") from None
 
 
 def data_url(image: bytes, mime: str) -> str:
@@ -118,9 +138,27 @@ class ChatClient:
 
     def ask(self, req: Request) -> str:
         body = json.dumps(payload(self.model, req, self.cfg)).encode()
+        return self._with_retries(lambda: answer_text(self._send("POST", self.url.path, body)))
+
+    def models(self) -> list[str] | None:
+        """The model names the server lists, or None if it has no model list (404/405: not every server does).
+
+        Retried like a request, so a server still loading gets the same patience; a server that never answers
+        raises RetryableError, one that refuses (401/403: the API key) RequestError.
+        """
+        def fetch():
+            try:
+                return model_ids(self._send("GET", models_path(self.url), None))
+            except RequestError as e:
+                if getattr(e, "status", None) in (404, 405):
+                    return None
+                raise
+        return self._with_retries(fetch)
+
+    def _with_retries(self, call: Callable[[], object]):
         for attempt in range(self.cfg.retries + 1):
             try:
-                return answer_text(self._post(body))
+                return call()
             except RetryableError as e:
                 if attempt == self.cfg.retries:
                     raise RetryableError(f"{e} (gave up after {attempt + 1} attempts)") from None
@@ -144,18 +182,22 @@ class ChatClient:
             self._local.conn = conn
         return conn
 
+    def close(self) -> None:
+        """Closes this thread's connection (the next request opens a new one)."""
+        self._drop_connection()
+
     def _drop_connection(self) -> None:
         conn, self._local.conn = getattr(self._local, "conn", None), None
         if conn is not None:
             conn.close()
 
-    def _post(self, body: bytes) -> bytes:
+    def _send(self, method: str, path: str, body: bytes | None) -> bytes:
         headers = {"Content-Type": "application/json"}
         if self.cfg.api_key:
             headers["Authorization"] = f"Bearer {self.cfg.api_key}"
         try:
             conn = self._connection()
-            conn.request("POST", self.url.path, body, headers)
+            conn.request(method, path, body, headers)
             resp = conn.getresponse()
             data = resp.read()
         except (socket.timeout, TimeoutError) as e:
@@ -168,15 +210,21 @@ class ChatClient:
             if resp.getheader("Connection", "").lower() == "close":
                 self._drop_connection()
             return data
-        text = data[:EXCERPT].decode("utf-8", "replace")
+        text, where = data[:EXCERPT].decode("utf-8", "replace"), f"{self.url.scheme}://{self.url.netloc}{path}"
         if resp.status >= 500 or resp.status in RETRY_STATUS:
             self._drop_connection()
-            err = RetryableError(f"HTTP {resp.status} from {self.url.geturl()}: {text!r}")
+            err = RetryableError(f"HTTP {resp.status} from {where}: {text!r}")
             err.retry_after = _seconds(resp.getheader("Retry-After"))
             raise err
-        raise RequestError(f"HTTP {resp.status} from {self.url.geturl()} (model {self.model!r}): {text!r}; check "
-                           "--server (the OpenAI-compatible base URL, e.g. http://host:8000/v1) and --model (a "
-                           "name the server lists at /v1/models)")
+        if resp.status in (401, 403):
+            err = RequestError(f"HTTP {resp.status} from {where}: {text!r}; the server wants an API "
+                               "key: pass --api-key or set $OPENAI_API_KEY")
+        else:
+            err = RequestError(f"HTTP {resp.status} from {where} (model {self.model!r}): {text!r}; "
+                               "check --server (the OpenAI-compatible base URL, e.g. http://host:8000/v1) and "
+                               "--model (a name the server lists at /v1/models)")
+        err.status = resp.status
+        raise err
 
 
 def _seconds(value: str | None) -> float | None:

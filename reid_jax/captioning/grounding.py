@@ -23,7 +23,7 @@ from PIL import Image
 from reid_jax.captioning import boxes as boxes_lib
 from reid_jax.captioning import calibration
 from reid_jax.captioning.client import MIME, Request, RequestError, RetryableError
-from reid_jax.captioning.runner import Outcome, Stats
+from reid_jax.captioning.runner import Outcome, Stats, read_image
 
 ASK = ("part", "joint")
 DIGITS = 6  # decimals kept in the written boxes
@@ -74,7 +74,7 @@ def make_job(backend, root: Path, cfg: GroundConfig, calib: calibration.Calibrat
         outcomes, todo = [], {}
         for key in keys:
             try:
-                image = (root / key).read_bytes()
+                image = read_image(root / key)
                 size = _image_size(image) if cfg.scale == "pixels" else None
             except OSError as e:  # PIL's UnidentifiedImageError is one
                 outcomes.append(Outcome(key, error=f"unreadable image: {e}"))

@@ -15,6 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reid_jax.captioning.client import Request
+from reid_jax.errors import UserError
+
+
+class ModelPathError(UserError, FileNotFoundError):
+    """--model-path is not a usable save_pretrained folder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +38,14 @@ class TransformersBackend:
 
         path = Path(model_path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model-path {path}: no config.json; expected a folder written by "
+            raise ModelPathError(f"--model-path {path}: no config.json; expected a folder written by "
                                     "save_pretrained (model weights + processor), e.g. a downloaded "
                                     "Qwen2-VL / LLaVA / InternVL-hf checkpoint")
         self.cfg, self.torch = cfg, torch
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         self.processor = transformers.AutoProcessor.from_pretrained(path)
         if not getattr(self.processor, "chat_template", None):
-            raise ValueError(f"--model-path {path}: the processor has no chat template; this backend formats "
+            raise ModelPathError(f"--model-path {path}: the processor has no chat template; this backend formats "
                              "prompts with it (add chat_template.jinja to the folder)")
         self.processor.tokenizer.padding_side = "left"
         dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)

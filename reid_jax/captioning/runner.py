@@ -8,6 +8,10 @@ An image that fails for good (retries exhausted, or a rejected request) goes to 
 line per failure; not read by the dataset builders, whose caption files end in .json/.jsonl) and is tried again
 by the next run unless `skip_failed`. `abort_after` consecutive failed images stop the run: that is a server
 that is down or misconfigured, not bad images, and marking a million images failed would help no one.
+`verdict` turns a finished run into the command's exit: a run where nothing succeeded, or more than
+`max_failed_fraction` of the images failed, is a failure, so that `caption ... && data.build ...` stops there.
+Only regular files are images: a FIFO, socket or device named like an image is skipped (reading it could block
+forever), counted and warned about once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import os
+import stat
 import sys
 import threading
 import time
@@ -26,6 +31,7 @@ import tqdm
 from absl import logging
 
 from reid_jax.captioning import store
+from reid_jax.errors import UserError, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -37,6 +43,9 @@ class RunConfig:
     skip_failed: bool = False  # skip images a previous run logged as failed (default: try them again)
     limit: int = 0  # answer at most this many new images (0 = all): a trial run
     log_seconds: float = 30.0  # progress line period when stderr is not a terminal (no progress bar)
+    # more failed images than this fraction of those tried makes the run fail (exit 1), as does no success
+    # at all; the lines written are kept and a rerun tries the failed images again
+    max_failed_fraction: float = 0.05
 
 
 @dataclasses.dataclass
@@ -61,24 +70,70 @@ class Stats:
             self.counts[name] += n
 
 
-class RunAborted(RuntimeError):
-    pass
+class RunAborted(UserError, RuntimeError):
+    """Too many images in a row failed: the server is down or misconfigured."""
+
+
+class RunFailed(UserError):
+    """The run finished but failed: nothing succeeded, or too many images failed."""
+
+
+class ImagesError(UserError, FileNotFoundError):
+    """--images is not a folder of images."""
+
+
+def check_folder(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise ImagesError(f"--images {root}: no such folder; expected a folder of images "
+                          f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively")
+    return root
+
+
+def scan_images(root: str | Path) -> tuple[list[str], list[str]]:
+    """(image paths under `root`: relative, POSIX, sorted; the image-named entries that are not regular files)."""
+    root = check_folder(root)
+    keys, others = [], []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = Path(folder).relative_to(root)
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                # a symlink counts as what it points to; a broken one, a FIFO, socket or device is no image
+                (keys if os.path.isfile(os.path.join(folder, name)) else others).append((rel / name).as_posix())
+    if not keys:
+        raise ImagesError(f"--images {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or below")
+    return sorted(keys), sorted(others)
 
 
 def list_images(root: str | Path) -> list[str]:
     """Image paths under `root`, relative, POSIX, sorted (the keys of the output lines)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--images {root}: no such folder; expected a folder of images "
-                                f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively")
-    keys = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        rel = Path(folder).relative_to(root)
-        keys += [(rel / f).as_posix() for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not keys:
-        raise FileNotFoundError(f"--images {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or below")
-    return sorted(keys)
+    return scan_images(root)[0]
+
+
+def read_image(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else. O_NONBLOCK: a FIFO put where an image was after
+    the folder was listed must fail here, not block the worker forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return f.read()
+
+
+def verdict(summary: dict, cfg: RunConfig, out: Path) -> str | None:
+    """Why a finished run failed (None: it did not): nothing succeeded, or too many images failed."""
+    failed, tried = summary["failed"], summary["succeeded"] + summary["failed"]
+    if tried and not summary["succeeded"]:
+        why = f"no image succeeded ({tried} tried, all failed)"
+    elif failed > cfg.max_failed_fraction * tried:
+        why = f"{failed} of {tried} images failed ({failed / tried:.1%}, more than --max-failed-fraction " \
+              f"{cfg.max_failed_fraction:g})"
+    else:
+        return None
+    return (f"{why}; the reasons are in {out}.failed. Fix the cause (the server, --model, the images) and "
+            f"rerun the same command: the {summary['succeeded']} lines written are kept and the failed images are "
+            f"tried again")
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
@@ -116,7 +171,10 @@ def run(images: str | Path, out: str | Path, job: Callable[[list[str]], list[Out
         desc: str = "images") -> dict:
     """Answers every image under `images` not yet in `out` with `job(keys) -> outcomes`; returns the summary."""
     t0 = time.monotonic()
-    keys = list_images(images)
+    keys, others = scan_images(images)
+    if others:
+        warn(f"--images {images}: skipped {len(others)} entries named like images that are not regular files "
+             f"(FIFO, socket, device or broken link), e.g. {others[0]}")
     failed_log = Path(f"{out}.failed")
     writer, done = store.open_output(out, flush)
     fail_writer = store.JsonlWriter(failed_log, store.FlushConfig(every=1))
@@ -132,7 +190,7 @@ def run(images: str | Path, out: str | Path, job: Callable[[list[str]], list[Out
         writer.close()
         fail_writer.close()
     elapsed = time.monotonic() - t0
-    summary = {"images": len(keys), "already_done": len(keys) - len(new),
+    summary = {"images": len(keys), "not_regular": len(others), "already_done": len(keys) - len(new),
                "skipped_failed": len(skip), "todo": len(todo), "succeeded": counts["succeeded"],
                "failed": counts["failed"], **{k: v for k, v in sorted(stats.counts.items())},
                "elapsed_s": round(elapsed, 3),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from absl import logging
 
+from reid_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class FlushConfig:
@@ -26,7 +28,7 @@ class FlushConfig:
     fsync: bool = False  # also survive a power cut (slower; a process crash is survived without it)
 
 
-class OutputError(ValueError):
+class OutputError(UserError, ValueError):
     """An output file that this tool cannot safely append to; the message names the file and line."""
 
 
@@ -94,7 +96,14 @@ class JsonlWriter:
 
     def __init__(self, path: Path, cfg: FlushConfig = FlushConfig()):
         self.path, self.cfg = path, cfg
-        self._f = open(path, "a", encoding="utf-8", newline="\n")
+        if path.exists() and not path.is_file():  # opening a FIFO to append would block until a reader comes
+            raise OutputError(f"{path}: exists and is not a regular file; expected a JSONL file (or a new path): "
+                              "choose another --out")
+        try:
+            self._f = open(path, "a", encoding="utf-8", newline="\n")
+        except OSError as e:
+            raise OutputError(f"{path}: cannot be written ({e.strerror}); choose an --out in a folder you can write "
+                              "to") from None
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -134,7 +143,11 @@ class JsonlWriter:
 def open_output(path: str | Path, cfg: FlushConfig = FlushConfig()) -> tuple[JsonlWriter, set[str]]:
     """(writer appending to `path`, images already in it). Repairs a torn tail first, under the lock."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot create its folder ({e.strerror}); choose an --out in a folder you can "
+                          "write to") from None
     writer = JsonlWriter(path, cfg)  # lock before repairing: never cut a line another run is writing
     try:
         cut = repair_tail(path)

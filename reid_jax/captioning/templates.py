@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from reid_jax.errors import UserError
+
 SLOTS = ("[clothing description]", "[hair description]", "[footwear description]", "[accessory description]",
          "[belongings description]", "[person/woman/man]")
 REQUIRED_SLOTS = ("[clothing description]", "[person/woman/man]")
@@ -264,6 +266,10 @@ def dialogue(bank: list[str], chat: Callable[[list[dict]], str], cfg: DialogueCo
 
 
 # ------------------------------------------------------------------------------------------------ bank files
+class BankError(UserError, ValueError):
+    """A bank file that cannot be read or written, or holds a bad template; the message names file and line."""
+
+
 def load_bank(path: str | Path | None, rules: TemplateRules = TemplateRules()) -> list[str]:
     """The built-in TEMPLATES (path None) or a bank file (one template per line; blank lines ignored).
 
@@ -274,26 +280,39 @@ def load_bank(path: str | Path | None, rules: TemplateRules = TemplateRules()) -
         return list(TEMPLATES)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--templates {path}: no such file; expected a bank written by "
-                                "`python -m reid_jax.captioning templates` (one template per line)")
+        raise BankError(f"{path}: no such file; expected a template bank written by "
+                        "`python -m reid_jax.captioning templates` (one template per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BankError(f"{path}: cannot be read as a template bank ({e}); expected UTF-8 text, one template "
+                        "per line") from None
     bank = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         why = check_template(line.strip(), rules)
         if why:
-            raise ValueError(f"{path}:{lineno}: not a valid template ({why}): {line.strip()!r}; fix or delete "
+            raise BankError(f"{path}:{lineno}: not a valid template ({why}): {line.strip()!r}; fix or delete "
                              f"the line (slots allowed: {', '.join(SLOTS)})")
         bank.append(line.strip())
     if not bank:
-        raise ValueError(f"{path}: no templates; expected one template per line")
+        raise BankError(f"{path}: no templates; expected one template per line")
     return bank
 
 
 def save_bank(bank: list[str], path: str | Path) -> None:
     """Writes the bank atomically (temporary file + rename): a crash leaves the old bank or the new, whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(t + "\n" for t in bank), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(t + "\n" for t in bank), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)  # a half-written temporary must not stay beside the bank
+        except OSError:
+            pass
+        raise BankError(f"--out {path}: cannot be written ({e.strerror}); choose a path in a folder you can write "
+                        "to") from None
