@@ -434,7 +434,10 @@ def _output_path(dst) -> Path:
     path = expand_path(dst)
     if path is None:
         raise CheckpointError("DST is empty; expected the path of the output folder")
-    return path.resolve()
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise CheckpointError(f"DST {path}: cannot be resolved ({e}); choose another path") from None
 
 
 def _check_dst(dst: Path, overwrite: bool) -> None:
