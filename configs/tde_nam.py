@@ -74,6 +74,9 @@ def base() -> ml_collections.ConfigDict:
 def finetune(test_set: str) -> ml_collections.ConfigDict:
     """IRRA's recipe on one set, from the TDE+NAM pretrained model: config.init_checkpoint = the pretraining
     run's workdir (or its best/<dataset>), or a converted CLIP."""
+    if test_set not in TEST_SETS:
+        raise ValueError(f"unknown variant finetune_{test_set} of configs/tde_nam.py; expected finetune, "
+                         f"{', '.join('finetune_' + k for k in TEST_SETS)}")
     c = base()
     name = TEST_SETS[test_set]
     c.data.train = _dataset(name, "train")
@@ -140,7 +143,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         return c
     if arg == "demo":
         return demo()
-    if arg.startswith("ablation_"):
+    if arg in ("ablation_nam", "ablation_uniform", "ablation_none"):
         return ablation(arg.split("_", 1)[1])
     raise ValueError(f"unknown variant {arg!r} of configs/tde_nam.py; expected pretrain, finetune[_cuhk|_icfg|"
                      f"_rstp], zeroshot, demo, ablation_nam, ablation_uniform, ablation_none")

@@ -37,3 +37,7 @@ def report(e: BaseException, status: int = EXIT_ERROR) -> int:
 def warn(message: str) -> None:
     """A one-line warning on stderr about a suspicious but allowed setting."""
     print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+class ConfigError(UserError, ValueError):
+    """A config field (or combination) that cannot work; the message names the field as `config.a.b`."""

@@ -7,7 +7,9 @@ latest checkpoint in DIR (or the initial model when there is none). Overrides: `
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from reid_jax.train import loop, mesh as mesh_lib
+from reid_jax import errors
+from reid_jax.train import loop, mesh as mesh_lib, preemption
 from reid_jax.train.checkpoint import Checkpointer
 from reid_jax.train.writer import MetricWriter
 
@@ -30,19 +33,19 @@ TASKS = {"tde_nam": "reid_jax.train.tde_nam", "scgi": "reid_jax.train.scgi", "mu
 
 def make_task(config, workdir: Path):
     if config.method not in TASKS:
-        raise ValueError(f"config.method={config.method!r}; expected one of {sorted(TASKS)}")
+        raise errors.UserError(f"config.method={config.method!r}; expected one of {sorted(TASKS)}")
     return importlib.import_module(TASKS[config.method]).Task(config, workdir)
 
 
 def evaluate_latest(config, workdir: Path, task) -> dict:
-    """Evaluates the newest checkpoint in workdir (the initial model if there is none)."""
+    """Evaluates the newest readable checkpoint in workdir."""
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        logging.info("no checkpoint in %s: evaluating the initial model", workdir)
-        return loop.evaluate_only(config, workdir, task)
     _, graphdef, state, shardings = loop.place_state(config, task)
-    state, _, _ = ckpt.restore(step, loop.abstract_state(state, shardings))
+    restored = ckpt.restore_latest(loop.abstract_state(state, shardings))
+    if restored is None:
+        raise errors.UserError(f"--mode=eval: no checkpoint in {workdir / 'checkpoints'}; pass the --workdir of a "
+                               f"training run, or score the initial model with --config.train.epochs=0")
+    step, state, _, _ = restored
     results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir)
     writer = MetricWriter(workdir)
     writer.write(step, results)
@@ -50,31 +53,92 @@ def evaluate_latest(config, workdir: Path, task) -> dict:
     return results
 
 
+def _load_config_module(path: Path):
+    spec = importlib.util.spec_from_file_location("config_under_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unknown_field(config, key: str) -> str | None:
+    """Why `--config.<key>=...` names no field of `config` (None when it does)."""
+    node, walked = config, "config"
+    for part in key.split("."):
+        fields = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f" (did you mean {walked}.{close[0]}?)" if close else ""
+            return (f"--config.{key}: {walked} has no field {part!r}{hint}; its fields are "
+                    f"{', '.join(sorted(fields)) if fields else 'none (it is a value)'}")
+        node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def _explain_flags_error(args: list[str], error: Exception) -> str:
+    """A one-line account of a command line absl / ml_collections could not parse."""
+    config_arg = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if config_arg is not None:
+        path_text, _, variant = config_arg.partition(":")
+        path = errors.expand_path(path_text)
+        if not path.is_file():
+            found = ", ".join(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+                              for p in sorted(Path("configs").glob("*.py")))
+            return (f"--config={config_arg}: no such file {path}; expected a config such as {found or 'configs/tde_nam.py'}"
+                    f" (optionally :variant)")
+        try:
+            module = _load_config_module(path)
+            config = module.get_config(variant) if variant else module.get_config()
+        except Exception as e:
+            return f"--config={config_arg}: {e}"
+        for arg in args:
+            if arg.startswith("--config.") and "=" in arg:
+                if (why := _unknown_field(config, arg[len("--config."):].split("=", 1)[0])) is not None:
+                    return why
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if any("--workdir" in ln and "None" in ln for ln in lines):
+        return "--workdir=DIR is required: where checkpoints, metrics and pictures go"
+    return lines[0] if lines else type(error).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error (a missing config file, an unknown variant, a mistyped or ill-typed
+    override) turned into one line and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # flags.Error, or what ml_collections raises while applying an override
+        sys.exit(errors.report(errors.UserError(_explain_flags_error(argv[1:], e)), errors.EXIT_USAGE))
+
+
 def main(argv) -> int:
     del argv
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
         logging.set_verbosity(logging.WARNING)
     mesh_lib.maybe_initialize_distributed()
-    config, workdir = _CONFIG.value, Path(_WORKDIR.value).expanduser()
+    config, workdir = _CONFIG.value, errors.expand_path(_WORKDIR.value)
     if config is None:
         raise app.UsageError("--config=configs/<method>.py[:variant] is required")
+    if _MODE.value == "eval" and not workdir.is_dir():
+        return errors.report(errors.UserError(f"--workdir={workdir}: no such folder; --mode=eval evaluates the "
+                                              f"checkpoints of a training run in it"))
     workdir.mkdir(parents=True, exist_ok=True)
     logging.info("devices: %s", jax.devices())
     try:
-        task = make_task(config, workdir)
-        if _MODE.value == "eval":
-            results = evaluate_latest(config, workdir, task)
-        elif config.train.epochs == 0:
-            results = loop.evaluate_only(config, workdir, task)
-        else:
-            loop.fit(config, workdir, task)
-            return 0
-    except (FileNotFoundError, loop.TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        with preemption.stop_signals():
+            task = make_task(config, workdir)
+            if _MODE.value == "eval":
+                results = evaluate_latest(config, workdir, task)
+            elif config.train.epochs == 0:
+                results = loop.evaluate_only(config, workdir, task)
+            else:
+                loop.fit(config, workdir, task)
+                return 0
+    except preemption.Preempted as e:
+        return errors.report(e, e.status)
+    except (errors.UserError, FileNotFoundError, loop.TrainingDiverged) as e:
+        return errors.report(e)
     print({k: round(v, 2) for k, v in results.items()})
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -13,28 +13,11 @@ import pytest
 from flax import nnx
 
 from reid_jax.train import loop
-from tests import configs, sharding
+from tests import sharding
+from tests.cli_config import tiny_config
 from tests.params import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data_dir, **train):
-    c = configs.load("tde_nam").get_config("demo")
-    c.data.data_dir = str(data_dir)
-    c.data.train.config = "small"
-    c.eval.datasets[0].config = "small"
-    c.model.update({"image_size": (64, 32), "stride": 16})
-    c.model.overrides = TINY_MODEL
-    c.nam.layer = 1
-    c.data.batch_size = 16
-    c.data.num_workers = 0
-    c.data.aug.pad = 2
-    c.train.update({"epochs": 2, "log_every": 1, "checkpoint_every_steps": 4, **train})
-    c.eval.update({"every_epochs": 0, "batch_size": 32, "png_queries": 2})
-    c.optim.eps = 1e-3  # the paper's Adam eps; with 1e-8 near-zero gradients turn reduction-order noise into +-lr steps
-    c.mesh.fsdp_min_size = 256
-    return c
 
 
 def _params(model) -> list[np.ndarray]:
@@ -105,6 +88,7 @@ def test_main_names_what_is_missing(tmp_path):
     assert "luperson_mllm" in run.stderr and "python -m reid_jax.data.build luperson_mllm" in run.stderr
     run = subprocess.run(cmd + ["--config.data.train.name=synthetic_pedestrians",
                                      "--config.data.train.config=small", "--config.data.auto_build=True",
+                                     "--config.data.batch_size=16",
                                      "--config.init_checkpoint=/nonexistent/clip_b16"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 1 and "python -m reid_jax.convert" in run.stderr, run.stderr[-2000:]

@@ -20,6 +20,10 @@ example id: stable across epochs, for per-example state such as NAM's similarity
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
+import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 
@@ -131,13 +135,50 @@ def _train_labels(index: SplitIndex, records: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _exit_with_parent(worker: int, num_workers: int) -> None:
+    """Runs in each grain worker: exit as soon as the process that started it is gone (killed with -9, say), so
+    no worker (hundreds of MB each) or the resource tracker they keep alive outlives a run."""
+    del worker, num_workers
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def close_stream(iterator) -> None:
+    """Stops a stream's worker processes and frees the shared memory its batches came through. grain frees a
+    batch's shared memory from a background thread once the batch is garbage; waiting for that thread here keeps
+    the interpreter's exit from finding (and reporting) them leaked. Drop your references to batches first."""
+    if hasattr(iterator, "close"):
+        iterator.close()
+    gc.collect()
+    from grain._src.python.ipc import shared_memory_array  # grain has no public handle on this thread pool
+
+    pool = shared_memory_array.SharedMemoryArray._del_thread_pool
+    if pool is not None:
+        shared_memory_array.SharedMemoryArray._disable_async_del()  # later frees run at once
+        pool.close()
+        pool.join()
+
+
 def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     ds = ds.to_iter_dataset()
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_exit_with_parent)
     return ds
+
+
+def _counted(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """An evaluation stream that knows its length (`num_batches`, for progress bars)."""
+    it = _to_iter(ds, num_workers)
+    it.num_batches = len(ds)
+    return it
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -206,7 +247,7 @@ def eval_images(source, cfg: ml_collections.ConfigDict, *, batch_size: int, shar
                 "part_boxes": np.stack([np.asarray(r["part_boxes"], np.float32) for r in recs]),
                 "image_index": ids.astype(np.int32), "valid": valid}
 
-    return _to_iter(_eval_positions(len(records), batch_size, shard).map(load), num_workers)
+    return _counted(_eval_positions(len(records), batch_size, shard).map(load), num_workers)
 
 
 def eval_captions(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, batch_size: int,
@@ -227,4 +268,4 @@ def eval_captions(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, 
                 "pid": index.pids[rec_of[safe]].astype(np.int32), "image_index": rec_of[safe].astype(np.int32),
                 "valid": valid}
 
-    return _to_iter(_eval_positions(len(rec_of), batch_size, shard).map(load), 0)
+    return _counted(_eval_positions(len(rec_of), batch_size, shard).map(load), 0)

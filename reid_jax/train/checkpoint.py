@@ -5,12 +5,15 @@ from an abstract, sharded state. Arrays are stored under dotted names ('model.vi
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
+
+from reid_jax.errors import ConfigError, UserError, warn
 
 
 def _flat(tree) -> dict[str, object]:
@@ -38,7 +41,18 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def drop_after(self, step: int) -> None:
+        """Deletes the checkpoints past `step`: written by an interrupted run after the step it resumes from, they
+        are replayed (identically), and a replay must not meet its own earlier save."""
+        for s in self.manager.all_steps():
+            if s > step:
+                self.manager.delete(s)
+
     def save(self, step: int, state: nnx.State, data_state: dict | None, meta: dict) -> None:
+        """Saves `step` (asynchronously); a checkpoint already at `step` (a replay's) is replaced."""
+        if step in self.manager.all_steps():
+            self.wait()
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flat(nnx.to_pure_dict(state))),
             data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave(meta)), force=True)
@@ -51,6 +65,56 @@ class Checkpointer:
         state = jax.tree.map(lambda x: x, abstract)
         nnx.replace_by_pure_dict(state, _unflat(out.state, like))
         return state, dict(out.data or {}), dict(out.meta or {})
+
+    def check_fits(self, step: int, abstract: nnx.State) -> None:
+        """Raises UserError when checkpoint `step` holds other arrays (names or shapes) than `abstract`: the run was
+        started with another architecture or method (a config change, not damage; nothing is deleted)."""
+        saved = {k: tuple(v.shape) for k, v in self.manager.item_metadata(step)["state"].items()}
+        want = {k: tuple(v.shape) for k, v in _flat(nnx.to_pure_dict(abstract)).items()}
+        problems = [f"{k}: saved {list(saved[k])}, this config {list(v)}" for k, v in want.items()
+                    if k in saved and saved[k] != v]
+        problems += [f"{k} missing from the checkpoint" for k in want if k not in saved]
+        problems += [f"{k} not in this config's model" for k in saved if k not in want]
+        if problems:
+            directory = self.manager.directory
+            raise UserError(f"{directory}/{step} was written by a run with another model or method ("
+                            + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3
+                                                         else "")
+                            + "). Resume with the config that run used, or start this config in a new --workdir.")
+
+    def restore_latest(self, abstract: nnx.State) -> tuple[int, nnx.State, dict, dict] | None:
+        """(step, state, data state, meta) of the newest checkpoint that reads back, or None when there is none.
+
+        A checkpoint that cannot be read (damaged files) is moved to `<directory>/../corrupt_checkpoints/<step>`
+        with a one-line warning, and the next older one is tried; one written for another model raises UserError.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self.check_fits(step, abstract)
+                state, data, meta = self.restore(step, abstract)
+            except UserError:
+                raise
+            except Exception as e:  # orbax raises many types for damaged files
+                self._set_aside(step, e)
+                continue
+            return step, state, data, meta
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        directory = Path(self.manager.directory)
+        aside = directory.parent / "corrupt_checkpoints" / f"{directory.name}-{step}"
+        reason = " ".join(str(error).split())[:200]
+        warn(f"checkpoint {directory / str(step)} is damaged ({type(error).__name__}: {reason}); moved to {aside}, "
+             f"trying the previous one")
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            (directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -89,7 +153,7 @@ def load_clip(clip: nnx.Module, directory: Path, keep_missing: tuple[str, ...] =
     anchor = "visual.conv1.kernel"
     prefix = next((k[: -len(anchor)] for k in saved if k.endswith(anchor)), None)
     if prefix is None:
-        raise ValueError(f"{directory}: step {step} holds no CLIP (no '*{anchor}' among {len(saved)} arrays)")
+        raise ConfigError(f"{directory}: step {step} holds no CLIP (no '*{anchor}' among {len(saved)} arrays)")
     params = nnx.state(clip, nnx.Param)
     flat, problems = {}, []
     for path, value in nnx.to_flat_state(params):
@@ -103,7 +167,7 @@ def load_clip(clip: nnx.Module, directory: Path, keep_missing: tuple[str, ...] =
             problems.append(f"{prefix + name}: saved {list(have.shape)}, model {list(value[...].shape)}")
         flat[path] = have
     if problems:
-        raise ValueError(f"{directory} (step {step}) does not fit this model: " + "; ".join(problems[:10])
+        raise ConfigError(f"{directory} (step {step}) does not fit this model: " + "; ".join(problems[:10])
                          + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
                          + ". Use the architecture the checkpoint was trained with (config.model).")
     nnx.update(clip, nnx.State.from_flat_path(flat))

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import jax
 import ml_collections
-from absl import logging
 import numpy as np
+from absl import logging
 from flax import nnx
+from tqdm import tqdm
 
-from reid_jax import data, evaluate, rerank
+from reid_jax import data, errors, evaluate, rerank
 from reid_jax.data import index as index_lib
 from reid_jax.data import pipeline
 from reid_jax.data import sources as sources_lib
@@ -21,15 +22,30 @@ from reid_jax.train import checkpoint, loop, mesh as mesh_lib, optimizer, visual
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     """config.data.data_dir, else WORKDIR/data (where the demos build the built-in set)."""
-    return Path(config.data.data_dir or Path(workdir) / "data").expanduser()
+    return errors.expand_path(config.data.data_dir) or Path(workdir) / "data"
 
 
 def schedule(config: ml_collections.ConfigDict, num_examples: int):
     """(steps_per_epoch, total_steps, optax transformation, learning-rate schedule) for `num_examples` training
     examples per epoch in batches of config.data.batch_size."""
-    steps_per_epoch = max(1, num_examples // config.data.batch_size)
+    batch, devices = config.data.batch_size, jax.device_count()
+    if batch <= 0 or batch % devices:
+        raise errors.UserError(f"config.data.batch_size={batch}: expected a positive multiple of the {devices} "
+                               f"device(s); set --config.data.batch_size")
+    if batch > num_examples:
+        raise errors.UserError(f"config.data.batch_size={batch} is larger than the training set "
+                               f"({num_examples} examples of {_describe_train(config.data.train)}); lower "
+                               f"--config.data.batch_size or train on a larger set")
+    if config.train.epochs < 0:
+        raise errors.UserError(f"config.train.epochs={config.train.epochs}: expected 0 (evaluate only) or more")
+    steps_per_epoch = num_examples // batch
     total_steps = steps_per_epoch * config.train.epochs
     return (steps_per_epoch, total_steps, *optimizer.make(config.optim, steps_per_epoch, total_steps))
+
+
+def _describe_train(specs) -> str:
+    specs = specs if isinstance(specs, (list, tuple)) else [specs]
+    return " + ".join(_describe(_as_spec(s)) for s in specs)
 
 
 def check_pk_batch(config: ml_collections.ConfigDict) -> None:
@@ -37,7 +53,7 @@ def check_pk_batch(config: ml_collections.ConfigDict) -> None:
     with config.data.batch_size, so the two must agree."""
     pk = config.data.pk
     if pk.identities * pk.instances != config.data.batch_size:
-        raise ValueError(f"config.data.batch_size={config.data.batch_size} must equal config.data.pk.identities "
+        raise errors.ConfigError(f"config.data.batch_size={config.data.batch_size} must equal config.data.pk.identities "
                          f"x instances = {pk.identities} x {pk.instances}")
 
 
@@ -95,7 +111,7 @@ def _restricted(spec, data_dir: Path, auto_build: bool, decode_image: bool):
     present = sorted(set(np.asarray(index.domains).tolist()))
     missing = [d for d in domains if d not in present]
     if missing:
-        raise ValueError(f"dataset {_describe(spec)} has no records of domain(s) {missing} (asked for {domains}); "
+        raise errors.ConfigError(f"dataset {_describe(spec)} has no records of domain(s) {missing} (asked for {domains}); "
                          f"its domains are {present}")
     records = index.subset(domains)
     return sources_lib.SubsetSource(source, records), sources_lib.subset_index(index, records)
@@ -119,7 +135,7 @@ def training_set(specs, data_dir: Path, auto_build: bool, decode_image: bool = T
     many = isinstance(specs, (list, tuple))
     specs = [_as_spec(s) for s in (specs if many else [specs])]
     if not specs:
-        raise ValueError("training_set: no dataset specs given")
+        raise errors.ConfigError("training_set: no dataset specs given")
     parts = [_restricted(s, data_dir, auto_build, decode_image) for s in specs]
     if len(parts) == 1:
         return parts[0]
@@ -149,7 +165,7 @@ def build_model(config: ml_collections.ConfigDict, **extra) -> clip_lib.CLIP:
 
     if not config.init_checkpoint:
         return fresh()
-    path = Path(config.init_checkpoint).expanduser()
+    path = errors.expand_path(config.init_checkpoint)
     if path.exists() and (trained := checkpoint.training_checkpoints(path)) is not None:
         # a reid-jax run (e.g. TDE+NAM pretraining before fine-tuning): this config's architecture, its weights
         model = fresh()
@@ -163,11 +179,13 @@ def build_model(config: ml_collections.ConfigDict, **extra) -> clip_lib.CLIP:
                                     posemb_interpolation=m.posemb_interpolation, **overrides)
 
 
-def encode_stream(stream, key: str, encode, mesh) -> dict:
+def encode_stream(stream, key: str, encode, mesh, desc: str = "") -> dict:
     """Runs `encode(batch)` (global arrays) over the stream on the mesh -> the valid rows of its features ('feats')
-    and of every batch field but the input `key`, as numpy arrays."""
+    and of every batch field but the input `key`, as numpy arrays. `desc` labels the progress bar."""
     out = {}
-    for batch in stream:
+    bar = tqdm(stream, desc=f"eval {desc or key}", total=getattr(stream, "num_batches", None), leave=False,
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    for batch in bar:
         arrays = mesh_lib.global_batch(batch, mesh)
         valid = loop.gather(arrays.pop("valid"))
         feats = encode(arrays)
@@ -187,7 +205,8 @@ def encode_split(config, spec, split: str, data_dir: Path, encode, mesh, check=N
         check(spec, split, index)
     shard = pipeline.Shard.from_jax()
     stream = pipeline.eval_images(source, config.data, batch_size=config.eval.batch_size // shard.count, shard=shard)
-    return encode_stream(stream, "image", encode, mesh) | {"source": source, "index": index}
+    return encode_stream(stream, "image", encode, mesh, desc=f"{spec.label}/{split}") | {"source": source,
+                                                                                          "index": index}
 
 
 def evaluate_image_reid(config, data_dir: Path, encode, step: int, workdir: Path, check=None) -> dict:

@@ -12,8 +12,12 @@ A method supplies a *task* object:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import re
+import signal
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -26,10 +30,11 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from reid_jax.data.pipeline import Shard
-from reid_jax.train import mesh as mesh_lib
+from reid_jax.data.pipeline import Shard, close_stream
+from reid_jax.errors import UserError
+from reid_jax.train import mesh as mesh_lib, preemption
 from reid_jax.train.checkpoint import Checkpointer
-from reid_jax.train.writer import MetricWriter
+from reid_jax.train.writer import MetricWriter, evaluated_steps, read_records
 
 
 class Buffer(nnx.Variable):
@@ -106,20 +111,80 @@ def place_state(config: ml_collections.ConfigDict, task):
     return mesh, graphdef, jax.device_put(state, shardings), shardings
 
 
+def _crash_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: REID_JAX_CRASH_AT=<name>@<step> kills this process with SIGKILL (or
+    sends it SIGTERM for <name> 'sigterm') when the run reaches that point. Unset in normal use."""
+    if os.environ.get("REID_JAX_CRASH_AT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGTERM if name == "sigterm" else signal.SIGKILL)
+
+
+def _is_eval_step(config, task, step: int) -> bool:
+    every = config.eval.every_epochs
+    return bool(every) and step % (task.steps_per_epoch * every) == 0 or step == task.total_steps
+
+
+def _best_so_far(config, workdir: Path, step: int) -> dict[str, float]:
+    """{dataset: best config.eval.keep_best} over the evaluations recorded in metrics.jsonl up to `step`: the
+    history a resumed run compares new evaluations against (the checkpoint's own record of it predates an
+    evaluation of its step)."""
+    best = {}
+    for record in read_records(Path(workdir) / "metrics.jsonl"):
+        if record.get("step", 0) > step:
+            continue
+        for name, value in _best_metric(config, record).items():
+            best[name] = max(best.get(name, -1.0), value)
+    return best
+
+
+def _plain(value):
+    """A config value as JSON would give it back (ConfigDicts as dicts, tuples as lists)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, (list, tuple)):
+        value = [_plain(v) for v in value]
+    return json.loads(json.dumps(value, default=str))
+
+
+def _resume_fields(config) -> dict:
+    """The settings a checkpoint's data position and step count depend on: changing them on resume would
+    silently train on another stream."""
+    return {"data.batch_size": config.data.batch_size, "seed": config.seed, "data.train": _plain(config.data.train)}
+
+
+def _check_resume(config, meta: dict, directory: Path) -> None:
+    saved = meta.get("resume")
+    if not saved:  # a checkpoint from before these fields were recorded
+        return
+    now = _resume_fields(config)
+    changed = [f"{k}: {saved[k]!r} there, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise UserError(f"{directory} was trained with other settings (" + "; ".join(changed) + "). Resume with "
+                        "the same values (--config.<field>=...), or start this config in a new --workdir.")
+
+
 def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
-    """Trains `task` to config.train.epochs (resuming from workdir's latest checkpoint); returns the model."""
+    """Trains `task` to config.train.epochs (resuming from workdir's newest readable checkpoint); returns the model.
+
+    Every instant is safe to be killed at: a rerun resumes from the last checkpoint and replays identically,
+    replacing what the interrupted run wrote past it (metrics records, best models); an evaluation counts as done
+    only once its record is in metrics.jsonl, so one cut short is redone. SIGTERM / SIGINT end the current step,
+    save it and raise `preemption.Preempted`.
+    """
     workdir = Path(workdir)
     mesh, graphdef, state, shardings = place_state(config, task)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    best_ckpt = {}
     iterator = iter(task.train_stream(Shard.from_jax()))
-    start, meta = 0, {"best": {}}
-    if (latest := ckpt.latest_step()) is not None:
-        state, data_state, meta = ckpt.restore(latest, abstract_state(state, shardings))
+    start, meta = 0, {}
+    if (restored := ckpt.restore_latest(abstract_state(state, shardings))) is not None:
+        start, state, data_state, meta = restored
+        _check_resume(config, meta, workdir / "checkpoints")
         iterator.set_state(data_state)
-        start = latest
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
-    writer = MetricWriter(workdir, resume_step=start if latest is not None else None)
+    writer = MetricWriter(workdir, resume_step=start)
+    meta = meta | {"best": _best_so_far(config, workdir, start), "resume": _resume_fields(config)}
+    best_ckpt = {p.name: Checkpointer(p, keep=1) for p in sorted((workdir / "best").glob("*")) if p.is_dir()}
+    for c in best_ckpt.values():
+        c.drop_after(start)  # saved by the interrupted run after `start`: the replay saves them again
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
     def train_step(state, batch, step):
@@ -127,7 +192,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         metrics = task.train_step(ts, batch, jax.random.fold_in(jax.random.key(config.seed), step))
         return nnx.state(ts), metrics
 
-    saved = {latest}
+    saved = {start} if restored is not None else set()
 
     def settle():
         # one asynchronous save at a time across the run's checkpoint managers (the last step's best model and the
@@ -141,51 +206,81 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
             ckpt.save(step, state, iterator.get_state(), meta)
             saved.add(step)
 
-    def evaluate(step, state):
+    def evaluate(step, state, guard):
         results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir)
-        writer.write(step, results)
-        for name, value in _best_metric(config, results).items():
-            if value > meta["best"].get(name, -1.0):
-                meta["best"][name] = value
-                settle()
-                best_ckpt.setdefault(name, Checkpointer(workdir / "best" / name, keep=1))
-                best_ckpt[name].save(step, nnx.state(nnx.merge(graphdef, state).model), None,
-                                     {"step": step, config.eval.keep_best: value})
+        _crash_point("evaluation", step)
+        with guard():  # the saves and the record that marks the evaluation done are not cut short
+            for name, value in _best_metric(config, results).items():
+                if value > meta["best"].get(name, -1.0):
+                    meta["best"][name] = value
+                    settle()
+                    best_ckpt.setdefault(name, Checkpointer(workdir / "best" / name, keep=1))
+                    best_ckpt[name].save(step, nnx.state(nnx.merge(graphdef, state).model), None,
+                                         {"step": step, config.eval.keep_best: value})
+            settle()  # the record below marks the evaluation done: everything it produced is on disk first
+            writer.write(step, results)
+        _crash_point("after_evaluation", step)
         return results
 
     total, spe = task.total_steps, task.steps_per_epoch
     bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
-    t_log, last = time.perf_counter(), start
+    t_log, last, done, batch = time.perf_counter(), start, start, None
     try:
-        for step in range(start, total):
-            batch = mesh_lib.global_batch(next(iterator), mesh)
-            state, metrics = train_step(state, batch, step)
-            done = step + 1
-            bar.update(1)
-            checkpoint_now = done % config.train.checkpoint_every_steps == 0
-            if done % config.train.log_every == 0 or done == total or checkpoint_now:
-                metrics = jax.device_get(metrics)
-                if not _finite(metrics):  # checked before any save, so no checkpoint holds a diverged state
-                    raise TrainingDiverged(f"non-finite training metrics at step {done}: {metrics}; the last good "
-                                           f"checkpoint in {workdir / 'checkpoints'} is kept")
-                now = time.perf_counter()
-                rate = (done - last) * config.data.batch_size / (now - t_log)
-                t_log, last = now, done
-                writer.write(done, {"train/" + k: v for k, v in metrics.items()} | {
-                    "train/learning_rate": task.learning_rate(step), "train/pairs_per_s": rate,
-                    "epoch": done / spe})
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-            if checkpoint_now:
-                save(done, state)
-            if config.eval.every_epochs and done % (spe * config.eval.every_epochs) == 0 or done == total:
-                bar.write(str({k: round(v, 2) for k, v in evaluate(done, state).items()}))
-        if start == total:
-            logging.info("already trained to step %d", total)
-        save(total, state)
+        with preemption.stop_signals() as signals:
+            guard = signals.deferred if signals else contextlib.nullcontext
+            try:
+                if restored is not None and _is_eval_step(config, task, start) and start not in evaluated_steps(
+                        workdir):
+                    bar.write(f"evaluating step {start}: the interrupted run had not finished this evaluation")
+                    evaluate(start, state, guard)
+                for step in range(start, total):
+                    with guard():
+                        batch = mesh_lib.global_batch(next(iterator), mesh)
+                        if step == start:
+                            bar.write("compiling the training step...")
+                        state, metrics = train_step(state, batch, step)
+                        done = step + 1
+                        bar.update(1)
+                        checkpoint_now = done % config.train.checkpoint_every_steps == 0
+                        if done % config.train.log_every == 0 or done == total or checkpoint_now:
+                            metrics = jax.device_get(metrics)
+                            if not _finite(metrics):  # checked before any save: no checkpoint holds a diverged state
+                                raise TrainingDiverged(f"non-finite training metrics at step {done}: {metrics}; the "
+                                                       f"last good checkpoint in {workdir / 'checkpoints'} is kept")
+                            now = time.perf_counter()
+                            rate = (done - last) * config.data.batch_size / (now - t_log)
+                            t_log, last = now, done
+                            writer.write(done, {"train/" + k: v for k, v in metrics.items()} | {
+                                "train/learning_rate": task.learning_rate(step), "train/pairs_per_s": rate,
+                                "epoch": done / spe})
+                            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+                        if checkpoint_now:
+                            save(done, state)
+                            _crash_point("checkpoint_save", done)
+                    _crash_point("sigterm", done)
+                    if signum := preemption.should_stop(signals, done):
+                        raise preemption.Preempted(signum)
+                    if _is_eval_step(config, task, done):
+                        bar.write(str({k: round(v, 2) for k, v in evaluate(done, state, guard).items()}))
+                if start == total:
+                    logging.info("already trained to step %d", total)
+                with guard():
+                    save(total, state)
+            except preemption.Preempted as e:
+                if e.mid_step:  # a second signal cut a step short: its state is not step `done`'s
+                    raise preemption.Preempted(e.signum, f"{e} during step {done + 1}; no checkpoint saved: rerun "
+                                                         f"the same command to resume from the last one") from None
+                save(done, state)  # the state after the last finished step: nothing done is lost
+                settle()
+                raise preemption.Preempted(e.signum, f"{e} at step {done} of {total}; checkpoint saved in "
+                                                     f"{workdir / 'checkpoints'}: rerun the same command to resume"
+                                           ) from None
     finally:
         bar.close()
         settle()
         writer.close()
+        batch = None
+        close_stream(iterator)
     return nnx.merge(graphdef, state).model
 
 

@@ -15,6 +15,8 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from reid_jax import errors
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -38,7 +40,7 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     n = jax.device_count()
     fsdp = cfg.fsdp
     if n % fsdp:
-        raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {n} devices")
+        raise errors.ConfigError(f"config.mesh.fsdp={fsdp} does not divide the {n} devices")
     # Auto axes: XLA propagates shardings through the step (gathers from the NAM table, losses over the batch).
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh((n // fsdp, fsdp), ("data", "fsdp"), axis_types=auto)

@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from reid_jax import losses
+from reid_jax import errors, losses
 from reid_jax.captioning import simulate
 from reid_jax.data import pipeline, sources
 from reid_jax.data.index import relabel
@@ -54,9 +54,9 @@ class Task:
         self.config, self.workdir = config, Path(workdir)
         m = config.muva
         if m.mask_mode not in ("rmp", "fixed"):
-            raise ValueError(f"config.muva.mask_mode must be 'rmp' or 'fixed', got {m.mask_mode!r}")
+            raise errors.ConfigError(f"config.muva.mask_mode must be 'rmp' or 'fixed', got {m.mask_mode!r}")
         if not 0 <= m.num_parts <= 3:
-            raise ValueError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), "
+            raise errors.ConfigError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), "
                              f"got {m.num_parts}")
         self.data_dir = common.data_dir(config, self.workdir)
         self.source, self.index = common.training_set(config.data.train, self.data_dir, config.data.auto_build)

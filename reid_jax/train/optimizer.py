@@ -17,6 +17,8 @@ import jax
 import ml_collections
 import optax
 
+from reid_jax import errors
+
 
 def param_name(path) -> str:
     """A jax key path into an nnx.State -> 'model.visual.transformer.resblocks.0.attn.in_proj.kernel'."""
@@ -50,7 +52,7 @@ def schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: 
     elif cfg.schedule == "constant":
         main = optax.constant_schedule(cfg.lr)
     else:
-        raise ValueError(f"config.optim.schedule must be cosine, multistep or constant, got {cfg.schedule!r}")
+        raise errors.ConfigError(f"config.optim.schedule must be cosine, multistep or constant, got {cfg.schedule!r}")
     return optax.join_schedules([warmup, main], [warm]) if warm else main
 
 
@@ -64,6 +66,6 @@ def make(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int)
     elif cfg.name == "adamw":
         parts += [optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps), decay]
     else:
-        raise ValueError(f"config.optim.name must be adam or adamw, got {cfg.name!r}")
+        raise errors.ConfigError(f"config.optim.name must be adam or adamw, got {cfg.name!r}")
     parts += [optax.scale_by_learning_rate(lr), _per_param(lambda name, u, p: u * _group(cfg, name)[0])]
     return optax.chain(*parts), lr

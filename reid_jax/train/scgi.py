@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data, losses
+from reid_jax import data, errors, losses
 from reid_jax.data import pipeline
 from reid_jax.models import cgi as cgi_lib
 from reid_jax.models import prompts
@@ -50,9 +50,9 @@ class Task:
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
         self.config = config
         if config.cff.enabled and not config.cgi.enabled:
-            raise ValueError("config.cff.enabled needs config.cgi.enabled: CFF fuses CGI's pseudo-words")
+            raise errors.ConfigError("config.cff.enabled needs config.cgi.enabled: CFF fuses CGI's pseudo-words")
         if config.loss.i2t_mode not in ("prototypes", "batch"):
-            raise ValueError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got {config.loss.i2t_mode!r}")
+            raise errors.ConfigError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got {config.loss.i2t_mode!r}")
         self.data_dir = common.data_dir(config, workdir)
         self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
         self.num_classes = len(np.unique(self.index.pids))
@@ -151,6 +151,6 @@ class Task:
 
     def _check_cameras(self, spec, split: str, index) -> None:
         if self.num_cameras and index.camids.max() >= self.num_cameras:
-            raise ValueError(f"{spec.name}/{split} has camera ids up to {int(index.camids.max())} but the model's "
+            raise errors.ConfigError(f"{spec.name}/{split} has camera ids up to {int(index.camids.max())} but the model's "
                              f"camera embedding has {self.num_cameras} (the training set's); set "
                              f"config.model.sie=False for sets with other cameras")

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data, evaluate, losses
+from reid_jax import data, errors, evaluate, losses
 from reid_jax.data import pipeline
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
@@ -32,7 +32,7 @@ class Task:
         self.config = config
         self.data_dir = common.data_dir(config, workdir)
         if config.nam.mode == "nam" and config.data.caption_mode != "all":
-            raise ValueError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
+            raise errors.ConfigError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
                              "config.data.caption_mode='all'")
         self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
@@ -129,7 +129,7 @@ class Task:
         encode_txt = jax.jit(lambda s, x: nnx.merge(graphdef, s).text_features(x))
         bs = cfg.eval.batch_size // shard.count
         img = common.encode_stream(pipeline.eval_images(source, cfg.data, batch_size=bs, shard=shard),
-                                   "image", lambda b: encode_img(state, b["image"]), mesh)
+                                   "image", lambda b: encode_img(state, b["image"]), mesh, desc="images")
         txt = common.encode_stream(pipeline.eval_captions(captions, index, cfg.data, batch_size=bs, shard=shard),
-                                   "text", lambda b: encode_txt(state, b["text"]), mesh)
+                                   "text", lambda b: encode_txt(state, b["text"]), mesh, desc="captions")
         return img, txt
