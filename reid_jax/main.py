@@ -114,7 +114,12 @@ def main(argv) -> int:
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
         logging.set_verbosity(logging.WARNING)
     mesh_lib.maybe_initialize_distributed()
-    config, workdir = _CONFIG.value, errors.expand_path(_WORKDIR.value)
+    try:  # a config file that failed to load is a stand-in that raises on first use
+        config = _CONFIG.value
+        _ = config is not None and config.method
+    except Exception as e:
+        return errors.report(errors.UserError(_explain_flags_error(sys.argv[1:], e)), errors.EXIT_USAGE)
+    workdir = errors.expand_path(_WORKDIR.value)
     if config is None:
         raise app.UsageError("--config=configs/<method>.py[:variant] is required")
     if _MODE.value == "eval" and not workdir.is_dir():

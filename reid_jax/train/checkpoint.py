@@ -35,8 +35,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix))
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                             item_names=("state", "data", "meta"))
+        # handlers named up front: a fresh process can then read a step's metadata before restoring it
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -85,9 +87,11 @@ class Checkpointer:
     def restore_latest(self, abstract: nnx.State) -> tuple[int, nnx.State, dict, dict] | None:
         """(step, state, data state, meta) of the newest checkpoint that reads back, or None when there is none.
 
-        A checkpoint that cannot be read (damaged files) is moved to `<directory>/../corrupt_checkpoints/<step>`
-        with a one-line warning, and the next older one is tried; one written for another model raises UserError.
+        Checkpoints newer than the one that reads back are damaged (a kill or a full disk mid-write): each is moved
+        to `<directory>/../corrupt_checkpoints/` with a one-line warning. When none reads back nothing is moved
+        and UserError says why; one written for another model raises UserError.
         """
+        failed = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 self.check_fits(step, abstract)
@@ -95,17 +99,23 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # orbax raises many types for damaged files
-                self._set_aside(step, e)
+                failed.append((step, e))
                 continue
+            for bad, error in failed:
+                self._set_aside(bad, error)
             return step, state, data, meta
+        if failed:
+            step, e = failed[0]
+            raise UserError(f"no checkpoint in {self.manager.directory} reads back (step {step}: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); move the folder away to start afresh")
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
         directory = Path(self.manager.directory)
         aside = directory.parent / "corrupt_checkpoints" / f"{directory.name}-{step}"
         reason = " ".join(str(error).split())[:200]
-        warn(f"checkpoint {directory / str(step)} is damaged ({type(error).__name__}: {reason}); moved to {aside}, "
-             f"trying the previous one")
+        warn(f"checkpoint {directory / str(step)} is damaged ({type(error).__name__}: {reason}); moved to {aside}; "
+             f"resuming from the previous one")
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(aside, ignore_errors=True)

@@ -147,8 +147,9 @@ def _plain(value):
 
 def _resume_fields(config) -> dict:
     """The settings a checkpoint's data position and step count depend on: changing them on resume would
-    silently train on another stream."""
-    return {"data.batch_size": config.data.batch_size, "seed": config.seed, "data.train": _plain(config.data.train)}
+    silently train on another stream (grain's saved position also has one layout per number of workers)."""
+    return {"data.batch_size": config.data.batch_size, "seed": config.seed, "data.train": _plain(config.data.train),
+            "data.num_workers": config.data.num_workers}
 
 
 def _check_resume(config, meta: dict, directory: Path) -> None:
@@ -240,6 +241,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
                             bar.write("compiling the training step...")
                         state, metrics = train_step(state, batch, step)
                         done = step + 1
+                        _crash_point("sigterm", done)  # arrives mid-step: the step still finishes
                         bar.update(1)
                         checkpoint_now = done % config.train.checkpoint_every_steps == 0
                         if done % config.train.log_every == 0 or done == total or checkpoint_now:
@@ -257,7 +259,6 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
                         if checkpoint_now:
                             save(done, state)
                             _crash_point("checkpoint_save", done)
-                    _crash_point("sigterm", done)
                     if signum := preemption.should_stop(signals, done):
                         raise preemption.Preempted(signum)
                     if _is_eval_step(config, task, done):
