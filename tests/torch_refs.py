@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import transformers
 
+from tests import numerics
+
 TINY_HF = dict(
     vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                 patch_size=8),
@@ -96,10 +98,7 @@ def nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
-def rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref|."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+rel_err = numerics.rel_err  # max |ours - ref| / max |ref|
 
 
 def random_ids(n: int, rng: np.random.Generator, length: int = 77, vocab: int = 49405) -> np.ndarray:
