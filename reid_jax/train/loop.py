@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from reid_jax.data.pipeline import Shard, close_stream
-from reid_jax.errors import UserError
+from reid_jax.errors import UserError, warn
 from reid_jax.train import mesh as mesh_lib, preemption
 from reid_jax.train.checkpoint import Checkpointer
 from reid_jax.train.writer import MetricWriter, evaluated_steps, read_records
@@ -163,6 +163,19 @@ def _check_resume(config, meta: dict, directory: Path) -> None:
                         "the same values (--config.<field>=...), or start this config in a new --workdir.")
 
 
+def _warn_suspicious(config, task) -> None:
+    """One-line warnings for settings that work but are probably not meant."""
+    total, every = task.total_steps, config.train.checkpoint_every_steps
+    if every > total:
+        warn(f"config.train.checkpoint_every_steps={every} is more than the run's {total} steps: nothing is saved "
+             f"before the end, so a kill loses the whole run")
+    if config.eval.every_epochs and config.eval.every_epochs > config.train.epochs:
+        warn(f"config.eval.every_epochs={config.eval.every_epochs} is more than config.train.epochs="
+             f"{config.train.epochs}: only the final evaluation runs")
+    if config.data.num_workers > (os.cpu_count() or 1):
+        warn(f"config.data.num_workers={config.data.num_workers} is more than this machine's {os.cpu_count()} CPUs")
+
+
 def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     """Trains `task` to config.train.epochs (resuming from workdir's newest readable checkpoint); returns the model.
 
@@ -172,6 +185,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     save it and raise `preemption.Preempted`.
     """
     workdir = Path(workdir)
+    _warn_suspicious(config, task)
     mesh, graphdef, state, shardings = place_state(config, task)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     iterator = iter(task.train_stream(Shard.from_jax()))
