@@ -1,4 +1,4 @@
-"""Noise-aware masking against the formulas of ALGORITHMS.md section 2, written out in numpy."""
+"""Noise-aware masking against the formulas of docs/tde_nam.md, 'Noise-aware masking (NAM)', written out in numpy."""
 
 import jax
 import jax.numpy as jnp

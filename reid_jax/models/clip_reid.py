@@ -1,7 +1,7 @@
 """CLIP-ReID's image model (Li et al., AAAI 2023), the base of CLIP-SCGI: CLIP's image tower with a learnable
 camera embedding (SIE) added to CLS. At inference only this runs; the text tower inside `clip` is left untouched.
 
-Features (ALGORITHMS.md section 4), for images [B, H, W, 3] and zero-based camera ids [B]:
+Features (docs/scgi.md, 'The CLIP-ReID baseline'), for images [B, H, W, 3] and zero-based camera ids [B]:
   last  [B, Dv]  CLS after the second-to-last block (CLIP-ReID's `img_feature_last`, a triplet-loss input)
   cls   [B, Dv]  CLS after the last block and ln_post (`img_feature`)
   proj  [B, E]   cls @ proj (`img_feature_proj`)

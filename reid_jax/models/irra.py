@@ -1,4 +1,4 @@
-"""IRRA's training-only heads (Jiang & Ye, CVPR 2023), the fine-tuning recipe of TDE+NAM (ALGORITHMS.md 2).
+"""IRRA's training-only heads (Jiang & Ye, CVPR 2023), TDE+NAM's fine-tuning recipe (docs/tde_nam.md, 'Fine-tuning').
 
   * `classifier`: one linear layer over the projected image CLS and caption EOT features (the ID loss);
   * the cross-modal MLM head ("implicit relation reasoning"): the masked caption's projected tokens attend to

@@ -1,5 +1,5 @@
 """MUVA's prototype memory: one unit vector per training identity, updated with the hardest instance of the batch
-(ALGORITHMS.md section 5): for each identity in the batch, the instance least similar to its memory row replaces
+(docs/muva.md, 'Stage 2'): for each identity in the batch, the instance least similar to its memory row replaces
 m <- momentum m + (1 - momentum) f, renormalised. Identities absent from the batch keep their rows."""
 
 from __future__ import annotations

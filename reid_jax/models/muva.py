@@ -1,5 +1,5 @@
 """MUVA (Li, Gong, Zhang): CLIP's image tower with part tokens, adaptively masked self-attention (AM-MSA) and a
-region mask predictor (RMP) in every block (ALGORITHMS.md section 5).
+region mask predictor (RMP) in every block (docs/muva.md, 'Region mask predictor (RMP) and AM-MSA').
 
 Tokens: [CLS, R part tokens (head, upper body, legs), L patches]; the part tokens share CLS's position embedding
 (`clip.VisionConfig.num_extra_tokens`). In block l:

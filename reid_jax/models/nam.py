@@ -1,6 +1,6 @@
 """Noise-aware masking (NAM, TDE+NAM paper): mask the caption words that match the image least.
 
-Per training step (ALGORITHMS.md section 2):
+Per training step (docs/tde_nam.md, 'Noise-aware masking (NAM)'):
   1. `token_similarity`: the unmasked caption and the image go through the encoders; at layer l (10 of 12) the
      text tokens and the image patch tokens (CLS and extra tokens dropped) pass through their tower's final LN and
      projection, are L2-normalised, and sim[token] = max over patches of the cosine similarity. No gradient.

@@ -1,4 +1,4 @@
-"""MUVA (Li, Gong, Zhang): domain-generalised image ReID with multi-grained prompts and AM-MSA (ALGORITHMS.md 5).
+"""MUVA (Li, Gong, Zhang): domain-generalised image ReID with multi-grained prompts and AM-MSA (docs/muva.md).
 
 Before training (stage 1, once, cached in WORKDIR/muva_stage1.npz):
   1. every training image through the initial image encoder with the pseudo masks of its part boxes -> per-

@@ -1,6 +1,6 @@
 """CLIP-SCGI (Han et al.): image ReID on the CLIP-ReID baseline, guided by synthesized captions.
 
-One training step on a P x K batch of images with one caption each (ALGORITHMS.md section 4):
+One training step on a P x K batch of images with one caption each (docs/scgi.md, sections 2-4: baseline, CGI, CFF):
   baseline  ID (BNNeck classifiers on ln_post(CLS) and its projection, label smoothing) + batch-hard triplet (on the
             second-to-last block's CLS, ln_post(CLS) and the projection) + image-to-text CE of the projection
             against per-identity text prototypes (the mean text feature of the identity's captions, computed once

@@ -1,6 +1,6 @@
 """TDE + NAM (Tan et al., CVPR 2024): CLIP trained with SDM on MLLM-captioned pedestrians, noise-aware masking.
 
-One training step (ALGORITHMS.md sections 2-3):
+One training step (docs/tde_nam.md, 'Noise-aware masking (NAM)'; evaluation: docs/evaluation.md):
   1. read last epoch's token-image similarities of these examples from the per-example table (nam.UNSEEN = not
      seen yet);
   2. mask the captions with NAM's probabilities (or uniformly, or not at all: `config.nam.mode`);
