@@ -10,10 +10,13 @@ import torch
 from flax import nnx
 from flax import traverse_util
 
-from reid_jax import convert
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra
+from reid_jax.weights import mapping
 from tests import torch_refs
+from tests.numerics import assert_close
+
+TORCH = 1e-5  # against IRRA's PyTorch modules, relative to the largest logit (tests/numerics.py)
 
 
 class TorchIRRAHeads(torch.nn.Module):
@@ -42,9 +45,9 @@ def _load_into(heads: irra.IRRAHeads, ref: torch.nn.Module) -> None:
     ours = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(heads, nnx.Param)))
     new = {}
     for path, value in ours.items():
-        key = convert.openai_name(("heads", *path))  # the leading tower name is dropped
+        key = mapping.openai_name(("heads", *path))  # the leading tower name is dropped
         assert state[key].size == value.size, key
-        new[path] = convert._from_torch_layout(path, state.pop(key))
+        new[path] = mapping.from_torch_layout(path, state.pop(key))
     assert not state, f"unused reference weights: {sorted(state)}"
     nnx.update(heads, nnx.State(traverse_util.unflatten_dict(new)))
 
@@ -63,8 +66,8 @@ def test_heads_match_irra_modules():
         want_id = ref.classifier(torch.from_numpy(text[:, 0])).numpy()
     got = heads.mlm_logits(jnp.asarray(text), jnp.asarray(image))
     assert got.shape == (3, 9, 49408)
-    assert torch_refs.rel_err(got, want) < 1e-5
-    assert torch_refs.rel_err(heads.id_logits(jnp.asarray(text[:, 0])), want_id) < 1e-5
+    assert_close(got, want, TORCH, "MLM logits")
+    assert_close(heads.id_logits(jnp.asarray(text[:, 0])), want_id, TORCH, "ID logits")
 
 
 def test_heads_start_with_irra_initialisation():
@@ -106,8 +109,8 @@ def test_finetune_step_trains_heads_and_reports_each_loss(tmp_path):
 
     state, metrics = step(state, batch)
     assert set(metrics) >= {"loss", "loss_sdm", "loss_id", "loss_mlm"}
-    np.testing.assert_allclose(metrics["loss"], metrics["loss_sdm"] + metrics["loss_id"] + metrics["loss_mlm"],
-                               rtol=1e-6)
+    assert_close(float(metrics["loss"]), sum(float(metrics[k]) for k in ("loss_sdm", "loss_id", "loss_mlm")), 1e-6,
+                 "loss = sum of its parts")
     # ID loss at initialisation: classifier std 0.001 gives near-uniform logits, CE ~ log(classes)
     classes = len(np.unique(task.index.pids))
     assert abs(float(metrics["loss_id"]) - np.log(classes)) < 0.05

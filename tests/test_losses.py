@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from reid_jax import losses
+from tests.numerics import assert_close
+
+TORCH = 1e-5  # scalar losses against PyTorch, relative to their value (tests/numerics.py)
 
 
 def _irra_sdm(image, text, pid, scale=50.0, eps=1e-8):
@@ -30,7 +33,7 @@ def test_sdm_matches_irra(seed):
     pid = rng.integers(0, 5, 12)  # several positives per row
     ours = losses.sdm(jnp.asarray(image), jnp.asarray(text), jnp.asarray(pid))
     ref = _irra_sdm(torch.from_numpy(image), torch.from_numpy(text), torch.from_numpy(pid))
-    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    assert_close(float(ours), float(ref), TORCH, "SDM")
 
 
 def test_sdm_is_small_for_aligned_features():
@@ -46,10 +49,10 @@ def test_cross_entropy_and_id_loss(smoothing):
     a, b = rng.normal(size=(2, 8, 11)).astype(np.float32)
     y = rng.integers(0, 11, 8)
     ce = lambda x: F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), label_smoothing=smoothing)
-    assert float(losses.cross_entropy(jnp.asarray(a), jnp.asarray(y), smoothing)) == pytest.approx(float(ce(a)),
-                                                                                                   rel=1e-5)
+    assert_close(float(losses.cross_entropy(jnp.asarray(a), jnp.asarray(y), smoothing)), float(ce(a)), TORCH,
+                 "cross entropy")
     ours = losses.id_loss(jnp.asarray(a), jnp.asarray(b), jnp.asarray(y), smoothing)
-    assert float(ours) == pytest.approx(float((ce(a) + ce(b)) / 2), rel=1e-5)
+    assert_close(float(ours), float((ce(a) + ce(b)) / 2), TORCH, "ID loss")
 
 
 def test_mlm_ignores_unmasked_positions():
@@ -59,7 +62,7 @@ def test_mlm_ignores_unmasked_positions():
     labels[0, 2], labels[1, 5], labels[2, 1] = 4, 19, 7
     ref = F.cross_entropy(torch.from_numpy(logits).reshape(-1, 20), torch.from_numpy(labels).reshape(-1),
                           ignore_index=0)
-    assert float(losses.mlm(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(float(ref), rel=1e-5)
+    assert_close(float(losses.mlm(jnp.asarray(logits), jnp.asarray(labels))), float(ref), TORCH, "MLM loss")
 
 
 def test_itc_matches_irra():
@@ -71,4 +74,4 @@ def test_itc_matches_irra():
     labels = torch.arange(9)
     want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     got = losses.itc(jnp.asarray(image), jnp.asarray(text), 20.0)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert_close(float(got), float(want), TORCH, "ITC")

@@ -7,6 +7,7 @@ import pytest
 from reid_jax import tokenizer
 from reid_jax.data import pipeline, transforms
 from reid_jax.data.index import SplitIndex
+from tests.numerics import assert_close
 
 H, W = 32, 16
 
@@ -181,7 +182,7 @@ def test_normalize_and_erasing():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (48, 16, 3)).astype(np.uint8)
     mean, std = (np.array(v) for v in transforms.MEANS_STDS["clip"])
-    np.testing.assert_allclose(transforms.normalize(image, "clip"), (image / 255.0 - mean) / std, atol=1e-6)
+    assert_close(transforms.normalize(image, "clip"), (image / 255.0 - mean) / std, 1e-6, "normalised image")
     cfg = transforms.default_config()
     x = transforms.normalize(image, "clip")
     for _ in range(50):
@@ -190,7 +191,7 @@ def test_normalize_and_erasing():
         erased = (out != x).any(-1)
         frac = erased.mean()
         assert 0.0 < frac <= 0.45  # one rectangle of 2-40% of the area (rounding aside)
-        np.testing.assert_allclose(out[erased], np.broadcast_to(mean, out[erased].shape), rtol=1e-6)
+        assert_close(out[erased], np.broadcast_to(mean, out[erased].shape), 1e-6, "erased pixels")
         rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
         assert erased[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1].all()  # a rectangle
 

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 
 from reid_jax import evaluate, rerank
+from tests.numerics import assert_close
+
+FLOAT64 = 1e-5  # float32 distances against the float64 transcription, relative to the largest (tests/numerics.py)
 
 
 def _reciprocal_set(rank, i, k):
@@ -60,13 +63,13 @@ def test_matches_reference(nq, ng, k1, k2, lam):
     ours = rerank.k_reciprocal(q, g, k1=k1, k2=k2, lambda_value=lam)
     ref, _ = _reference(q, g, k1, k2, lam)
     assert ours.shape == (nq, ng) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    assert_close(ours, ref, FLOAT64, "re-ranked distances")
 
 
 def test_lambda_one_is_normalised_original_distance():
     q, g = _feats(3, 7, 40)
     _, dist = _reference(q, g, 20, 6, 1.0)
-    np.testing.assert_allclose(rerank.k_reciprocal(q, g, lambda_value=1.0), dist, rtol=1e-5, atol=1e-6)
+    assert_close(rerank.k_reciprocal(q, g, lambda_value=1.0), dist, FLOAT64, "normalised distances")
 
 
 def test_chunking_is_exact():
@@ -92,9 +95,10 @@ def test_image_reid_with_distances():
     plain = evaluate.image_reid(q, qp, qc, g, gp, gc)
     given = evaluate.image_reid(None, qp, qc, None, gp, gc, distances=-(qn @ gn.T))
     assert given.keys() == plain.keys()
-    for k in ("R1", "R5", "R10", "mAP", "mINP", "num_queries"):
-        assert given[k] == pytest.approx(plain[k], abs=1e-4), k
-    np.testing.assert_allclose(given["cmc"], plain["cmc"], atol=1e-4)
+    assert given["num_queries"] == plain["num_queries"]
+    for k in ("R1", "R5", "R10", "mAP", "mINP"):  # percent, float32 means of the same ranking
+        assert_close(given[k], plain[k], 1e-6, k, scale=100)
+    assert_close(given["cmc"], plain["cmc"], 1e-6, "cmc", scale=100)
 
     reranked = evaluate.image_reid(None, qp, qc, None, gp, gc, distances=rerank.k_reciprocal(q, g, k1=6, k2=3),
                                    max_rank=10, chunk=3)
