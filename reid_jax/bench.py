@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from reid_jax import weights
 from reid_jax.models import clip as clip_lib
 
 PRESETS = {"vit_b16": clip_lib.CLIPConfig.vit_b16, "tiny": clip_lib.CLIPConfig.tiny}
@@ -22,8 +23,7 @@ PRESETS = {"vit_b16": clip_lib.CLIPConfig.vit_b16, "tiny": clip_lib.CLIPConfig.t
 
 def _model(args) -> clip_lib.CLIP:
     if args.checkpoint:
-        return clip_lib.load_pretrained(args.checkpoint, image_size=args.image_size, stride=args.stride,
-                                        dtype=args.dtype)
+        return weights.load_clip(args.checkpoint, image_size=args.image_size, stride=args.stride, dtype=args.dtype)
     cfg = PRESETS[args.model](image_size=args.image_size, stride=args.stride, dtype=args.dtype)
     return clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
 

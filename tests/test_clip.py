@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from reid_jax import weights
 from reid_jax.models import clip as clip_lib
 from tests import torch_refs
 from tests.numerics import assert_close
@@ -41,7 +42,7 @@ def test_vit_b16_parity(b16, size):
     """ViT-B/16 shape. 384x128 uses HF's bicubic position interpolation, so we load with 'bicubic' there."""
     hf, folder = b16
     interp = size != (224, 224)
-    model = clip_lib.load_pretrained(folder, image_size=size, posemb_interpolation="bicubic")
+    model = weights.load_clip(folder, image_size=size, posemb_interpolation="bicubic")
     rng = np.random.default_rng(1)
     images = rng.normal(size=(2, *size, 3)).astype(np.float32)
     ids = torch_refs.random_ids(3, rng)
@@ -53,7 +54,7 @@ def test_vit_b16_parity(b16, size):
 
 def test_every_layer_matches_hf_hidden_states(tiny):
     hf, folder = tiny
-    model = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    model = weights.load_clip(folder, image_size=(32, 32), stride=8)
     rng = np.random.default_rng(2)
     images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
     ids = torch_refs.random_ids(2, rng)
@@ -79,7 +80,7 @@ def _hf_vision_tokens(hf, embeddings: torch.Tensor, masks) -> np.ndarray:
 
 def test_attention_bias_per_layer_matches_hf(tiny):
     hf, folder = tiny
-    model = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    model = weights.load_clip(folder, image_size=(32, 32), stride=8)
     rng = np.random.default_rng(4)
     images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
     t = model.config.vision.num_tokens
@@ -102,7 +103,7 @@ def test_attention_bias_per_layer_matches_hf(tiny):
 def test_overlapping_stride_matches_torch(tiny):
     """Stride 4 < patch 8 at 48x32 (an 11x7 grid): torch conv + F.interpolate'd grid + HF encoder as reference."""
     hf, folder = tiny
-    model = clip_lib.load_pretrained(folder, image_size=(48, 32), stride=4)
+    model = weights.load_clip(folder, image_size=(48, 32), stride=4)
     assert model.config.vision.grid == (11, 7)
     images = np.random.default_rng(5).normal(size=(2, 48, 32, 3)).astype(np.float32)
     emb = hf.vision_model.embeddings
@@ -121,7 +122,7 @@ def test_overlapping_stride_matches_torch(tiny):
 def test_text_from_embeddings_matches_hf(tiny):
     """Prompt-learning path: arbitrary token embeddings in, EOT pooled at the ids' argmax."""
     hf, folder = tiny
-    model = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
+    model = weights.load_clip(folder, image_size=(32, 32), stride=8)
     rng = np.random.default_rng(6)
     ids = torch_refs.random_ids(2, rng)
     embeddings = (0.05 * rng.normal(size=(2, 77, 64))).astype(np.float32)
@@ -140,8 +141,8 @@ def test_text_from_embeddings_matches_hf(tiny):
 
 def test_extra_tokens_share_cls_position_and_can_be_isolated(tiny):
     hf, folder = tiny
-    plain = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
-    parts = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8, vision={"num_extra_tokens": 3})
+    plain = weights.load_clip(folder, image_size=(32, 32), stride=8)
+    parts = weights.load_clip(folder, image_size=(32, 32), stride=8, vision={"num_extra_tokens": 3})
     images = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 32, 3)), jnp.float32)
     # Token 1..3 are the extra tokens: before ln_pre they are extra + CLS position.
     v = parts.visual
@@ -162,8 +163,8 @@ def test_extra_tokens_share_cls_position_and_can_be_isolated(tiny):
 
 def test_bfloat16_compute_keeps_float32_params(tiny):
     _, folder = tiny
-    f32 = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8)
-    bf16 = clip_lib.load_pretrained(folder, image_size=(32, 32), stride=8, dtype="bfloat16")
+    f32 = weights.load_clip(folder, image_size=(32, 32), stride=8)
+    bf16 = weights.load_clip(folder, image_size=(32, 32), stride=8, dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype("float32")}
     rng = np.random.default_rng(8)
     images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from reid_jax import convert
-from reid_jax.models import clip as clip_lib
+from reid_jax.weights import load_clip
 from tests import torch_refs
 
 MAX_REL_ERR = 1e-4
@@ -70,14 +70,14 @@ def _check(model, openai, size=(32, 32), grid=None):
 @pytest.mark.parametrize("name", ["openai_state_dict.pt", "ViT-tiny.pt", "open_clip_epoch_3.pt",
                                   "open_clip.safetensors"])
 def test_every_source_matches_openai_model(openai, sources, name):
-    model = clip_lib.load_pretrained(sources / name, image_size=(32, 32), stride=8)
+    model = load_clip(sources / name, image_size=(32, 32), stride=8)
     assert model.config.vision.patch_size == 8 and model.config.vision.heads == 2
     assert model.config.text.layers == 2 and model.config.embed_dim == 48
     _check(model, openai)
 
 
 def test_reid_size_matches_openai_model_with_interpolated_grid(openai, sources):
-    model = clip_lib.load_pretrained(sources / "ViT-tiny.pt", image_size=(48, 16), stride=8)
+    model = load_clip(sources / "ViT-tiny.pt", image_size=(48, 16), stride=8)
     assert model.config.vision.grid == (6, 2)
     _check(model, openai, size=(48, 16), grid=(6, 2))
 
@@ -91,7 +91,7 @@ def test_hf_folder_formats_and_activation(tmp_path, act, weights):
     if weights == "pytorch_model.bin":
         (tmp_path / "model.safetensors").unlink()
         torch.save(hf.state_dict(), tmp_path / weights)
-    model = clip_lib.load_pretrained(tmp_path, image_size=(32, 32), stride=8)
+    model = load_clip(tmp_path, image_size=(32, 32), stride=8)
     assert model.config.activation == act and model.config.vision.heads == 4
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
@@ -109,7 +109,7 @@ def _write_state(path, sd):
 
 def test_missing_file(tmp_path):
     with pytest.raises(convert.CheckpointError, match="no such file"):
-        clip_lib.load_pretrained(tmp_path / "ViT-B-16.pt")
+        load_clip(tmp_path / "ViT-B-16.pt")
 
 
 @pytest.mark.parametrize("name", ["ViT-tiny.pt", "open_clip.safetensors", "openai_state_dict.pt"])
@@ -118,27 +118,27 @@ def test_truncated_download(sources, tmp_path, name):
     cut = tmp_path / name
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(convert.CheckpointError, match="truncated") as e:
-        clip_lib.load_pretrained(cut)
+        load_clip(cut)
     assert str(cut) in str(e.value)
 
 
 def test_empty_file(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"")
     with pytest.raises(convert.CheckpointError, match="empty"):
-        clip_lib.load_pretrained(tmp_path / "x.pt")
+        load_clip(tmp_path / "x.pt")
 
 
 def test_checkpoint_of_another_model(tmp_path):
     resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64), "fc.weight": torch.zeros(10, 64)}
     with pytest.raises(convert.CheckpointError, match="does not look like a CLIP ViT checkpoint") as e:
-        clip_lib.load_pretrained(_write_state(tmp_path / "resnet50.pt", resnet))
+        load_clip(_write_state(tmp_path / "resnet50.pt", resnet))
     assert "conv1.weight" in str(e.value) and "visual.conv1.weight" in str(e.value)
 
 
 def test_resnet_clip_is_named(tmp_path):
     sd = {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1), "visual.conv1.weight": torch.zeros(32, 3, 3, 3)}
     with pytest.raises(convert.CheckpointError, match="ResNet CLIP"):
-        clip_lib.load_pretrained(_write_state(tmp_path / "RN50.pt", sd))
+        load_clip(_write_state(tmp_path / "RN50.pt", sd))
 
 
 def test_missing_unexpected_and_misshaped_keys_are_all_named(openai, tmp_path):
@@ -147,7 +147,7 @@ def test_missing_unexpected_and_misshaped_keys_are_all_named(openai, tmp_path):
     sd["visual.extra_head.weight"] = torch.zeros(3)
     sd["transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(100, 128)
     with pytest.raises(convert.CheckpointError) as e:
-        clip_lib.load_pretrained(_write_state(tmp_path / "bad.pt", sd))
+        load_clip(_write_state(tmp_path / "bad.pt", sd))
     msg = str(e.value)
     assert "missing keys: ['visual.ln_post.weight']" in msg
     assert "unexpected keys: ['visual.extra_head.weight']" in msg
@@ -157,15 +157,15 @@ def test_missing_unexpected_and_misshaped_keys_are_all_named(openai, tmp_path):
 def test_hf_folder_problems(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(convert.CheckpointError, match="expected a Hugging Face CLIPModel config"):
-        clip_lib.load_pretrained(tmp_path)
+        load_clip(tmp_path)
     hf_config = {"model_type": "clip", "vision_config": {"num_attention_heads": 2},
                  "text_config": {"num_attention_heads": 2}}
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     with pytest.raises(convert.CheckpointError, match="model.safetensors or pytorch_model.bin"):
-        clip_lib.load_pretrained(tmp_path)
+        load_clip(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(convert.CheckpointError, match="empty"):
-        clip_lib.load_pretrained(tmp_path)
+        load_clip(tmp_path)
 
 
 # --------------------------------------------------------------------------------- converted folders + CLI
@@ -183,8 +183,8 @@ def test_convert_then_load_round_trip(sources, tmp_path):
     assert meta["model"]["vision"]["image_size"] == [48, 16] and meta["source"]["posemb_grid"] == [4, 4]
     for size, stride, interp in [((48, 16), 8, "bilinear"), ((32, 32), 8, "bilinear"), ((40, 24), 4, "bicubic"),
                                  ((48, 16), 8, "bicubic")]:
-        direct = clip_lib.load_pretrained(src, image_size=size, stride=stride, posemb_interpolation=interp)
-        loaded = clip_lib.load_pretrained(dst, image_size=size, stride=stride, posemb_interpolation=interp)
+        direct = load_clip(src, image_size=size, stride=stride, posemb_interpolation=interp)
+        loaded = load_clip(dst, image_size=size, stride=stride, posemb_interpolation=interp)
         for a, b in zip(_features(direct, size), _features(loaded, size)):
             np.testing.assert_array_equal(a, b)
 
@@ -216,11 +216,11 @@ def test_half_converted_dst_is_reported(sources, tmp_path):
     for p in victims:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     with pytest.raises(convert.CheckpointError, match="incomplete or damaged") as e:
-        clip_lib.load_pretrained(dst)
+        load_clip(dst)
     assert str(dst) in str(e.value)
     shutil.rmtree(dst / "params")
     with pytest.raises(convert.CheckpointError, match="params/ is missing"):
-        clip_lib.load_pretrained(dst)
+        load_clip(dst)
 
 
 def test_cli_subprocess_and_lazy_torch(sources, tmp_path):
@@ -229,8 +229,8 @@ def test_cli_subprocess_and_lazy_torch(sources, tmp_path):
     run = subprocess.run([sys.executable, "-m", "reid_jax.convert", str(tmp_path / "nope.pt"), str(tmp_path / "d")],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 1 and "nope.pt: no such file" in run.stderr
-    code = ("import sys; from reid_jax.models import clip; "
-            f"m = clip.load_pretrained({str(sources / 'open_clip.safetensors')!r}); "
+    code = ("import sys; from reid_jax import weights; "
+            f"m = weights.load_clip({str(sources / 'open_clip.safetensors')!r}); "
             "print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr

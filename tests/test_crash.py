@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reid_jax.train import checkpoint
+from reid_jax.weights import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = "train/pairs_per_s"  # the one record field that depends on the clock
@@ -68,7 +68,7 @@ def _records(workdir: Path) -> list[dict]:
 
 
 def _final_params(workdir: Path) -> dict:
-    step, params = checkpoint.latest_params(workdir / "checkpoints")
+    step, params = runs.latest_arrays(workdir / "checkpoints")
     assert step == 36
     return params
 

@@ -142,7 +142,8 @@ def test_two_processes_on_loopback_equal_one_process(data_dir, tmp_path):
 def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):
     """config.init_checkpoint = a reid-jax workdir (or its best/<dataset>): the next stage (IRRA fine-tuning after
     TDE pretraining, SCGI / MUVA from a TDE model) starts from its CLIP weights."""
-    from reid_jax.train import common, tde_nam
+    from reid_jax import weights
+    from reid_jax.train import tde_nam
 
     config = tiny_config(data_dir, epochs=1)
     config.eval.every_epochs = 1
@@ -151,10 +152,10 @@ def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):
         nxt = tiny_config(data_dir)
         nxt.init_checkpoint = str(init)
         nxt.seed = 5  # a fresh model would differ
-        for a, b in zip(_params(trained), _params(common.build_model(nxt))):
+        for a, b in zip(_params(trained), _params(weights.model_for(nxt.model, nxt.init_checkpoint, nxt.seed))):
             np.testing.assert_array_equal(a, b)
     wider = tiny_config(data_dir)
     wider.init_checkpoint = str(tmp_path / "pre")
     wider.model.overrides.embed_dim = 32
     with pytest.raises(ValueError, match=r"does not fit this model: .*visual\.proj: saved \[32, 24\], model \[32, 32\]"):
-        common.build_model(wider)
+        weights.model_for(wider.model, wider.init_checkpoint, wider.seed)

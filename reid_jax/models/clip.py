@@ -1,7 +1,7 @@
 """CLIP (ViT image tower + causal text tower) in Flax NNX, shaped for person re-identification.
 
 Parameter names follow OpenAI's CLIP (`conv1`, `ln_pre`, `transformer.resblocks.{i}.attn.in_proj`, ...), so the
-mapping from PyTorch checkpoints in `reid_jax.convert` is mechanical. Parameters are float32; `config.dtype` is the
+mapping from PyTorch checkpoints in `reid_jax.weights` is mechanical. Parameters are float32; `config.dtype` is the
 compute dtype (bfloat16 on accelerators). LayerNorm always runs in float32, as in OpenAI's code.
 
 What the three methods need beyond plain CLIP:
@@ -377,15 +377,3 @@ def _encode_image(model: CLIP, images: Array) -> Array:
 @nnx.jit
 def _encode_text(model: CLIP, ids: Array) -> Array:
     return model.text_features(ids)
-
-
-def load_pretrained(path, image_size=(224, 224), stride=16, posemb_interpolation="bilinear", **overrides) -> CLIP:
-    """Loads a PyTorch CLIP checkpoint (OpenAI, open_clip, Hugging Face) or a `reid_jax.convert` output.
-
-    The position grid is resized for `image_size` and `stride`; `overrides` are further `CLIPConfig` fields
-    (e.g. `dtype='bfloat16'`, `vision={'num_extra_tokens': 3}`). See `reid_jax.convert.load`.
-    """
-    from reid_jax import convert  # convert imports this module
-
-    return convert.load(path, image_size=image_size, stride=stride,
-                        posemb_interpolation=posemb_interpolation, **overrides)

@@ -9,11 +9,10 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-from reid_jax.errors import ConfigError, UserError, warn
+from reid_jax.errors import UserError, warn
 
 
 def _flat(tree) -> dict[str, object]:
@@ -131,54 +130,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def training_checkpoints(path: Path) -> Path | None:
-    """The Checkpointer folder behind `path` (a workdir -> its checkpoints/; `best/<dataset>` or `checkpoints/`
-    themselves), or None when `path` is not one."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    steps = [p for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()] if path.is_dir() else []
-    return path if steps else None
-
-
-def latest_params(directory: Path) -> tuple[int, dict[str, np.ndarray]]:
-    """(step, {dotted name: array}) of the newest checkpoint in a Checkpointer folder, read without a target."""
-    manager = ocp.CheckpointManager(Path(directory).absolute(), item_names=("state", "data", "meta"))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no finished checkpoint")
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return step, {k: np.asarray(v) for k, v in out.state.items()}
-
-
-def load_clip(clip: nnx.Module, directory: Path, keep_missing: tuple[str, ...] = ("visual.extra_tokens",)) -> int:
-    """Copies the CLIP parameters of a reid-jax training checkpoint into `clip` (same architecture), whichever
-    model held them (TDE's CLIP at 'model.', SCGI's / MUVA's at 'model.clip.', or a best-model checkpoint without
-    the 'model.' level). Names in `keep_missing` may be absent (they keep their initial values). Returns the step.
-    """
-    step, saved = latest_params(directory)
-    anchor = "visual.conv1.kernel"
-    prefix = next((k[: -len(anchor)] for k in saved if k.endswith(anchor)), None)
-    if prefix is None:
-        raise ConfigError(f"{directory}: step {step} holds no CLIP (no '*{anchor}' among {len(saved)} arrays)")
-    params = nnx.state(clip, nnx.Param)
-    flat, problems = {}, []
-    for path, value in nnx.to_flat_state(params):
-        name = ".".join(map(str, path))
-        have = saved.get(prefix + name)
-        if have is None:
-            if name not in keep_missing:
-                problems.append(f"missing {prefix + name}")
-            continue
-        if have.shape != value[...].shape:
-            problems.append(f"{prefix + name}: saved {list(have.shape)}, model {list(value[...].shape)}")
-        flat[path] = have
-    if problems:
-        raise ConfigError(f"{directory} (step {step}) does not fit this model: " + "; ".join(problems[:10])
-                         + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
-                         + ". Use the architecture the checkpoint was trained with (config.model).")
-    nnx.update(clip, nnx.State.from_flat_path(flat))
-    return step

@@ -1,5 +1,5 @@
-"""Pieces every method's task shares: dataset splits (built on demand for the built-in set), the CLIP to start
-from, and encoding an evaluation stream on the mesh."""
+"""Pieces every method's task shares: dataset splits (built on demand for the built-in set) and encoding an
+evaluation stream on the mesh (the CLIP to start from is `reid_jax.weights.model_for`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from flax import nnx
 from tqdm import tqdm
 
 from reid_jax import data, errors, evaluate, rerank
 from reid_jax.data import index as index_lib
 from reid_jax.data import pipeline
 from reid_jax.data import sources as sources_lib
-from reid_jax.models import clip as clip_lib
-from reid_jax.train import checkpoint, loop, mesh as mesh_lib, optimizer, visualize
+from reid_jax.train import loop, mesh as mesh_lib, optimizer, visualize
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -150,33 +147,6 @@ def evaluation_set(spec, split: str, data_dir: Path, auto_build: bool, decode_im
     spec = _as_spec(spec).to_dict()
     spec["split"] = split
     return _restricted(ml_collections.ConfigDict(spec), data_dir, auto_build, decode_image)
-
-
-def build_model(config: ml_collections.ConfigDict, **extra) -> clip_lib.CLIP:
-    """config.init_checkpoint's CLIP (a converted or PyTorch checkpoint, or a reid-jax run: its workdir,
-    checkpoints/ or best/<dataset>/), else a fresh model. `extra`:
-    CLIPConfig fields a method sets itself (e.g. MUVA's `vision={..., 'num_extra_tokens': 3}`), over the config's."""
-    m = config.model
-    overrides = {"dtype": m.dtype, "remat": m.remat, **m.get("overrides", {}).to_dict(), **extra}
-
-    def fresh() -> clip_lib.CLIP:
-        preset = getattr(clip_lib.CLIPConfig, m.preset)(image_size=tuple(m.image_size), stride=m.stride)
-        return clip_lib.CLIP(preset.replace(**overrides), rngs=nnx.Rngs(config.seed))
-
-    if not config.init_checkpoint:
-        return fresh()
-    path = errors.expand_path(config.init_checkpoint)
-    if path.exists() and (trained := checkpoint.training_checkpoints(path)) is not None:
-        # a reid-jax run (e.g. TDE+NAM pretraining before fine-tuning): this config's architecture, its weights
-        model = fresh()
-        logging.info("CLIP weights from %s, step %d", trained, checkpoint.load_clip(model, trained))
-        return model
-    if not path.exists():
-        raise FileNotFoundError(
-            f"config.init_checkpoint={path} does not exist; convert a PyTorch CLIP checkpoint with "
-            f"`python -m reid_jax.convert ViT-B-16.pt {path} --image-size={m.image_size[0]},{m.image_size[1]}`")
-    return clip_lib.load_pretrained(path, image_size=tuple(m.image_size), stride=m.stride,
-                                    posemb_interpolation=m.posemb_interpolation, **overrides)
 
 
 def encode_stream(stream, key: str, encode, mesh, desc: str = "") -> dict:

@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from reid_jax import errors, losses
+from reid_jax import errors, losses, weights
 from reid_jax.captioning import simulate
 from reid_jax.data import pipeline, sources
 from reid_jax.data.index import relabel
@@ -81,7 +81,7 @@ class Task:
     def _model(self) -> muva_lib.MUVAModel:
         cfg = self.config
         vision = {**cfg.model.overrides.get("vision", {}), "num_extra_tokens": cfg.muva.num_parts}
-        clip = common.build_model(cfg, vision=vision)
+        clip = weights.model_for(cfg.model, cfg.init_checkpoint, cfg.seed, vision=vision)
         return muva_lib.MUVAModel(clip, cfg.muva.rmp_heads, rngs=nnx.Rngs(cfg.seed + 1))
 
     def _pseudo_masks(self, boxes: jax.Array) -> jax.Array:

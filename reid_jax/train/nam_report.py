@@ -20,7 +20,7 @@ from absl import app, flags
 from reid_jax import data, tokenizer
 from reid_jax.data import pipeline
 from reid_jax.models import nam
-from reid_jax.train import checkpoint
+from reid_jax.weights import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a finished ablation_nam run", required=True)
 _DATA = flags.DEFINE_string("data_dir", None, "TFDS folder holding synthetic_pedestrians/demo_noisy", required=True)
@@ -40,7 +40,7 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int) -> dict:
-    _, saved = checkpoint.latest_params(workdir / "checkpoints")
+    _, saved = runs.latest_arrays(workdir / "checkpoints")
     sims = saved["nam_sims"].astype(np.float32)
     noisy = data.load_source("synthetic_pedestrians", "train", data_dir, "demo_noisy", decode_image=False)
     clean = data.load_source("synthetic_pedestrians", "train", clean_dir, "demo", decode_image=False)

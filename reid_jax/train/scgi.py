@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data, errors, losses
+from reid_jax import data, errors, losses, weights
 from reid_jax.data import pipeline
 from reid_jax.models import cgi as cgi_lib
 from reid_jax.models import prompts
@@ -66,7 +66,8 @@ class Task:
     # ------------------------------------------------------------------------------------------- training
     def init_state(self) -> loop.TrainState:
         cfg = self.config
-        model = CLIPReID(common.build_model(cfg), self.num_cameras, cfg.model.sie_coe, rngs=nnx.Rngs(cfg.seed + 1))
+        clip = weights.model_for(cfg.model, cfg.init_checkpoint, cfg.seed)
+        model = CLIPReID(clip, self.num_cameras, cfg.model.sie_coe, rngs=nnx.Rngs(cfg.seed + 1))
         heads = SCGIHeads(model, self.num_classes, cfg, rngs=nnx.Rngs(cfg.seed + 2))
         buffers = {}
         if cfg.loss.i2t_weight and cfg.loss.i2t_mode == "prototypes":

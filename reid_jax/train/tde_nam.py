@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data, errors, evaluate, losses
+from reid_jax import data, errors, evaluate, losses, weights
 from reid_jax.data import pipeline
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
@@ -42,7 +42,7 @@ class Task:
 
     # ------------------------------------------------------------------------------------------- training
     def init_state(self) -> loop.TrainState:
-        model = common.build_model(self.config)
+        model = weights.model_for(self.config.model, self.config.init_checkpoint, self.config.seed)
         buffers = {}
         if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()

@@ -1,0 +1,203 @@
+"""An OpenAI-named CLIP state -> our CLIP: the architecture inferred from its shapes, each parameter's name and
+layout, and the model built around the mapped parameters.
+
+Each model parameter is looked up under its OpenAI name, transposed from PyTorch's layout and shape-checked; the
+position grid is resized for the model's input size and stride. All missing, unexpected and mis-shaped keys are
+reported together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx, traverse_util
+
+from reid_jax.models import posemb as posemb_lib
+from reid_jax.models.clip import CLIP, CLIPConfig
+from reid_jax.weights import readers
+from reid_jax.weights.readers import CheckpointError
+
+POSEMB = ("visual", "positional_embedding")
+NEW_PARAMS = {("visual", "extra_tokens")}  # not in any CLIP checkpoint: kept at their initial values
+
+
+@dataclasses.dataclass
+class Source:
+    """A checkpoint brought to OpenAI's key names."""
+    path: Path
+    kind: str  # 'openai' (TorchScript or state dict, also open_clip), 'hf', or 'reid_jax'
+    state: dict[str, np.ndarray]
+    arch: dict[str, Any]  # CLIPConfig fields inferred from the checkpoint
+    posemb_grid: tuple[int, int]  # grid of the position embedding as pretrained
+
+
+def read_source(path) -> Source:
+    """Reads an OpenAI / open_clip / Hugging Face CLIP checkpoint into OpenAI's names, with its architecture."""
+    path = Path(path)
+    kind, state, stated = readers.read(path)
+    arch, grid = infer_arch(path, state)
+    return Source(path, kind, state, merge_arch(arch, stated), grid)
+
+
+# ------------------------------------------------------------------------------------------ architecture
+def _count_blocks(state: dict, prefix: str) -> int:
+    ids = {int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def infer_arch(path: Path, state: dict[str, np.ndarray]) -> tuple[dict[str, Any], tuple[int, int]]:
+    """CLIPConfig fields from OpenAI-named shapes (heads = width / 64, OpenAI's rule) and the pretrained grid."""
+    if any(k.startswith("visual.layer1.") for k in state):
+        raise CheckpointError(f"{path}: this is a ResNet CLIP (RN50/RN101/...); reid-jax needs a ViT CLIP "
+                              f"such as ViT-B/16")
+    needed = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
+              "positional_embedding", "ln_final.weight", "visual.transformer.resblocks.0.mlp.c_fc.weight",
+              "transformer.resblocks.0.mlp.c_fc.weight"]
+    absent = [k for k in needed if k not in state]
+    if absent:
+        sample = ", ".join(sorted(state)[:6])
+        raise CheckpointError(f"{path}: does not look like a CLIP ViT checkpoint: missing {absent}. Expected OpenAI/"
+                              f"open_clip names (visual.conv1.weight, visual.transformer.resblocks.N..., "
+                              f"token_embedding.weight, ...) or a Hugging Face CLIPModel folder; found "
+                              f"{len(state)} keys such as {sample}")
+    conv, pos = state["visual.conv1.weight"], state["visual.positional_embedding"]
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    vwidth, twidth = conv.shape[0], state["ln_final.weight"].shape[0]
+    arch = {
+        "vision": {"width": vwidth, "layers": _count_blocks(state, "visual.transformer.resblocks."),
+                   "heads": vwidth // 64, "patch_size": conv.shape[-1],
+                   "mlp_dim": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]},
+        "text": {"vocab_size": state["token_embedding.weight"].shape[0],
+                 "context_length": state["positional_embedding"].shape[0], "width": twidth,
+                 "layers": _count_blocks(state, "transformer.resblocks."), "heads": twidth // 64,
+                 "mlp_dim": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]},
+        "embed_dim": state["visual.proj"].shape[1],
+    }
+    return arch, (side, side)
+
+
+def merge_arch(base: dict, extra: dict) -> dict:
+    """CLIPConfig fields `base` updated by `extra`, the two towers' sub-fields merged one by one."""
+    out = {**base, **{k: v for k, v in extra.items() if k not in ("vision", "text")}}
+    for tower in ("vision", "text"):
+        out[tower] = {**base.get(tower, {}), **extra.get(tower, {})}
+    return out
+
+
+def model_config(arch: dict, image_size, stride: int, overrides: dict) -> CLIPConfig:
+    """The CLIPConfig of architecture `arch` at `image_size` (H, W) and patch `stride`, with `overrides` over it."""
+    arch = merge_arch(arch, {"vision": {"image_size": tuple(image_size), "stride": stride}})
+    cfg = CLIPConfig().replace(**merge_arch(arch, overrides))
+    cfg.validate()
+    if cfg.vision.stride != cfg.vision.patch_size:
+        logging.warning("patch stride %d differs from the patch size %d: overlapping patches, grid %s",
+                        cfg.vision.stride, cfg.vision.patch_size, cfg.vision.grid)
+    return cfg
+
+
+def describe(cfg: CLIPConfig) -> str:
+    v, t = cfg.vision, cfg.text
+    return (f"vision {v.layers}x{v.width} patch {v.patch_size}, text {t.layers}x{t.width} vocab {t.vocab_size}, "
+            f"embed {cfg.embed_dim}")
+
+
+# ------------------------------------------------------------------------------------------- name mapping
+def openai_name(path: tuple) -> str:
+    """Model parameter path -> OpenAI checkpoint key, e.g. ('text', 'proj') -> 'text_projection'."""
+    parts = [str(p) for p in path if p != "norm"]  # our LayerNorm wraps nnx.LayerNorm as `.norm`
+    tower, rest = parts[0], parts[1:]
+    if tower == "logit_scale":
+        return "logit_scale"
+    if tower == "text" and rest == ["proj"]:
+        return "text_projection"
+    prefix = "visual." if tower == "visual" else ""
+    *modules, leaf = rest
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    if modules and modules[-1] == "in_proj":  # OpenAI keeps the fused q/k/v as attn.in_proj_{weight,bias}
+        return prefix + ".".join(modules[:-1]) + f".in_proj_{leaf}"
+    return prefix + ".".join(modules + [leaf])
+
+
+def from_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    """A PyTorch weight in our parameter `path`'s layout: conv and linear kernels transposed."""
+    if path[-1] == "kernel" and value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
+        return value.transpose(2, 3, 1, 0)
+    if path[-1] == "kernel":  # Linear [out, in] -> [in, out]
+        return value.T
+    return value
+
+
+def to_torch_layout(path: tuple, value: np.ndarray) -> np.ndarray:
+    """Inverse of `from_torch_layout`."""
+    if path[-1] == "kernel" and value.ndim == 4:  # conv [kh, kw, in, out] -> [out, in, kh, kw]
+        return value.transpose(3, 2, 0, 1)
+    return value.T if path[-1] == "kernel" else value
+
+
+def _torch_shape(path: tuple, shape: tuple) -> list[int]:
+    """Inverse of `from_torch_layout` on a shape, to report shapes as the checkpoint holds them."""
+    return list(to_torch_layout(path, np.broadcast_to(np.bool_(0), shape)).shape)  # a view: nothing allocated
+
+
+def abstract_params(cfg: CLIPConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """{flat path: ShapeDtypeStruct} of the parameters of a CLIP of `cfg`, without building it."""
+    model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def map_params(source: Source, cfg: CLIPConfig, posemb_interpolation: str) -> dict[tuple, np.ndarray]:
+    """Model parameters (flat paths) from an OpenAI-named state, with the position grid resized for `cfg`."""
+    missing, misshaped, out = [], [], {}
+    used = set()
+    for path, spec in abstract_params(cfg).items():
+        if path in NEW_PARAMS:
+            continue
+        name = openai_name(path)
+        if name not in source.state:
+            missing.append(name)
+            continue
+        used.add(name)
+        value = from_torch_layout(path, source.state[name])
+        if path == POSEMB and value.shape != spec.shape:
+            value = posemb_lib.resize_posemb(value, cfg.vision.grid, posemb_interpolation, source.posemb_grid)
+        if value.shape != spec.shape:
+            misshaped.append(f"{name}: expected {_torch_shape(path, spec.shape)}, "
+                             f"found {list(source.state[name].shape)}")
+            continue
+        out[path] = value.astype(np.float32)
+    unexpected = sorted(set(source.state) - used)
+    problems = ([f"missing keys: {missing}"] if missing else []) + (
+        [f"unexpected keys: {unexpected}"] if unexpected else []) + (
+        [f"mis-shaped keys: {misshaped}"] if misshaped else [])
+    if problems:
+        raise CheckpointError(f"{source.path}: does not match the CLIP architecture inferred from it "
+                              f"({describe(cfg)}):\n  " + "\n  ".join(problems))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- model building
+def with_params(cfg: CLIPConfig, params: dict[tuple, np.ndarray], seed: int = 0) -> CLIP:
+    """A CLIP with `params` (flat paths) set; parameters absent from `params` get their initial values.
+
+    The model is built abstractly and only the absent parameters are initialised (a jitted init whose unused
+    outputs XLA drops): a full eager random init of ViT-B/16 would cost more than loading it.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(seed))))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    fresh = tuple(p for p in flat if p not in params)
+
+    @jax.jit
+    def init_fresh():
+        full = nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed))))
+        return [traverse_util.flatten_dict(full)[p] for p in fresh]
+
+    flat.update(zip(fresh, init_fresh()) if fresh else ())
+    flat.update({k: jax.numpy.asarray(v) for k, v in params.items()})
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+    return nnx.merge(graphdef, state)
