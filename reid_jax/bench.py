@@ -245,8 +245,8 @@ def bench_train_step_torch(args) -> None:
 
 
 def bench_eval(args) -> None:
-    """`evaluate.text_to_image` on random features of CUHK-PEDES test size (6156 captions, 3074 images)."""
-    from reid_jax import evaluate
+    """`metrics.text_to_image` on random features of CUHK-PEDES test size (6156 captions, 3074 images)."""
+    from reid_jax.eval import metrics
 
     rng = np.random.default_rng(0)
     pids = rng.integers(0, args.identities, args.gallery)
@@ -254,11 +254,11 @@ def bench_eval(args) -> None:
     q_pids = pids[rng.integers(0, args.gallery, args.queries)]
     queries = (gallery[rng.integers(0, args.gallery, args.queries)] +
                rng.normal(size=(args.queries, args.dim))).astype(np.float32)
-    evaluate.text_to_image(queries, q_pids, gallery, pids)  # compile
+    metrics.text_to_image(queries, q_pids, gallery, pids)  # compile
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        evaluate.text_to_image(queries, q_pids, gallery, pids)
+        metrics.text_to_image(queries, q_pids, gallery, pids)
         times.append(time.perf_counter() - t0)
     print(json.dumps({"bench": "eval", "queries": args.queries, "gallery": args.gallery, "dim": args.dim,
                       "device": jax.devices()[0].device_kind, "eval_s": round(statistics.median(times), 4)}),

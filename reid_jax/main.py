@@ -2,7 +2,7 @@
 
 Dispatches on `config.method`. `--mode=train` trains (resuming from DIR) and evaluates as configured; a config
 with `train.epochs = 0` only evaluates its initial model (the zero-shot baseline). `--mode=eval` evaluates the
-latest checkpoint in DIR (or the initial model when there is none). Overrides: `--config.data.batch_size=64`.
+newest readable checkpoint in DIR. Overrides: `--config.data.batch_size=64`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from pathlib import Path
 
 import jax
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
-from reid_jax import errors
-from reid_jax.train import loop, mesh as mesh_lib, preemption
-from reid_jax.train.checkpoint import Checkpointer
-from reid_jax.train.writer import MetricWriter
+from reid_jax import errors, mesh as mesh_lib
+from reid_jax.train import loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and pictures go", required=True)
@@ -35,22 +32,6 @@ def make_task(config, workdir: Path):
     if config.method not in TASKS:
         raise errors.UserError(f"config.method={config.method!r}; expected one of {sorted(TASKS)}")
     return importlib.import_module(TASKS[config.method]).Task(config, workdir)
-
-
-def evaluate_latest(config, workdir: Path, task) -> dict:
-    """Evaluates the newest readable checkpoint in workdir."""
-    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    _, graphdef, state, shardings = loop.place_state(config, task)
-    restored = ckpt.restore_latest(loop.abstract_state(state, shardings))
-    if restored is None:
-        raise errors.UserError(f"--mode=eval: no checkpoint in {workdir / 'checkpoints'}; pass the --workdir of a "
-                               f"training run, or score the initial model with --config.train.epochs=0")
-    step, state, _, _ = restored
-    results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir)
-    writer = MetricWriter(workdir)
-    writer.write(step, results)
-    writer.close()
-    return results
 
 
 def _load_config_module(path: Path):
@@ -131,7 +112,7 @@ def main(argv) -> int:
         with preemption.stop_signals():
             task = make_task(config, workdir)
             if _MODE.value == "eval":
-                results = evaluate_latest(config, workdir, task)
+                results = loop.evaluate_checkpoint(config, workdir, task)
             elif config.train.epochs == 0:
                 results = loop.evaluate_only(config, workdir, task)
             else:

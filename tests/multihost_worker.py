@@ -23,11 +23,12 @@ if __name__ == "__main__":
     from flax import nnx
 
     sys.path.insert(0, str(ROOT))
+    from reid_jax import mesh as mesh_lib
     from reid_jax.train import loop, tde_nam
     from tests.test_train import tiny_config
 
     config = tiny_config(data_dir, epochs=1)
     model = loop.fit(config, Path(workdir), tde_nam.Task(config, Path(workdir)))
-    params = [loop.gather(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    params = [mesh_lib.gather(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
     if jax.process_index() == 0:
         np.savez(out, *params)

@@ -19,7 +19,8 @@ SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {root!r})
     from {config_module} import {config_fn} as make_config
-    from reid_jax.train import {task_module} as task_lib, mesh as mesh_lib
+    from reid_jax import mesh as mesh_lib
+    from reid_jax.train import {task_module} as task_lib
     from reid_jax.data.pipeline import Shard
 
     config = make_config({data_dir!r})

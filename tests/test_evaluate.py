@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reid_jax import evaluate
+from reid_jax.eval import metrics
 from tests.numerics import assert_close
 
 # Metrics in percent from float32 scores and float32 means, against float64: relative to 100 (tests/numerics.py)
@@ -46,7 +46,7 @@ def _data(seed, nq, ng, nid, ncam, dim=16):
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_image_reid_matches_reference(chunk):
     q, qp, qc, g, gp, gc = _data(0, 60, 70, 25, 2)
-    ours = evaluate.image_reid(q, qp, qc, g, gp, gc, chunk=chunk)
+    ours = metrics.image_reid(q, qp, qc, g, gp, gc, chunk=chunk)
     ref = _reference(q, qp, qc, g, gp, gc, 50)
     assert ours["num_queries"] == ref["num_queries"] < 60  # some queries lose all matches to the camera rule
     for k in ("R1", "R5", "R10", "mAP", "mINP"):
@@ -57,7 +57,7 @@ def test_image_reid_matches_reference(chunk):
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_text_to_image_matches_reference(chunk):
     q, qp, _, g, gp, _ = _data(1, 90, 120, 30, 1)
-    ours = evaluate.text_to_image(q, qp, g, gp, chunk=chunk)
+    ours = metrics.text_to_image(q, qp, g, gp, chunk=chunk)
     ref = _reference(q, qp, np.full(90, -1), g, gp, np.full(120, -1), 10)
     for k in ("R1", "R5", "R10", "mAP", "mINP"):
         assert_close(ours[k], ref[k], PERCENT, k, scale=100)
@@ -67,10 +67,10 @@ def test_hand_computed_case():
     # gallery ranked for the query as: wrong, right, wrong, right -> AP = (1/2 + 2/4) / 2, INP = 2/4, R1 = 0
     q = np.array([[1.0, 0.0]])
     g = np.array([[1.0, 0.1], [1.0, 0.2], [1.0, 0.3], [1.0, 0.4]])
-    out = evaluate.text_to_image(q, np.array([7]), g, np.array([3, 7, 4, 7]))
+    out = metrics.text_to_image(q, np.array([7]), g, np.array([3, 7, 4, 7]))
     assert out["R1"] == 0 and out["R5"] == 100 and out["mAP"] == pytest.approx(50.0) and out["mINP"] == 50.0
     # Market rule: the match seen by the query's camera is removed; the other one is then third of three.
-    out = evaluate.image_reid(q, np.array([7]), np.array([0]), g, np.array([3, 7, 4, 7]), np.array([1, 0, 1, 1]))
+    out = metrics.image_reid(q, np.array([7]), np.array([0]), g, np.array([3, 7, 4, 7]), np.array([1, 0, 1, 1]))
     assert out["mAP"] == pytest.approx(100 / 3) and out["mINP"] == pytest.approx(100 / 3)
     assert out["cmc"][:3] == [0, 0, 100]
 
@@ -78,6 +78,6 @@ def test_hand_computed_case():
 def test_errors():
     q, qp, qc, g, gp, gc = _data(2, 4, 10, 3, 2)
     with pytest.raises(ValueError, match="camera"):
-        evaluate.image_reid(q, qp, qc - 5, g, gp, gc)
+        metrics.image_reid(q, qp, qc - 5, g, gp, gc)
     with pytest.raises(ValueError, match="no query"):
-        evaluate.text_to_image(q, qp + 100, g, gp)
+        metrics.text_to_image(q, qp + 100, g, gp)

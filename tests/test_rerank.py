@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reid_jax import evaluate, rerank
+from reid_jax.eval import metrics, rerank
 from tests.numerics import assert_close
 
 FLOAT64 = 1e-5  # float32 distances against the float64 transcription, relative to the largest (tests/numerics.py)
@@ -92,15 +92,15 @@ def test_image_reid_with_distances():
     (q, g), (qp, gp), (qc, gc) = _clustered(5)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     gn = g / np.linalg.norm(g, axis=1, keepdims=True)
-    plain = evaluate.image_reid(q, qp, qc, g, gp, gc)
-    given = evaluate.image_reid(None, qp, qc, None, gp, gc, distances=-(qn @ gn.T))
+    plain = metrics.image_reid(q, qp, qc, g, gp, gc)
+    given = metrics.image_reid(None, qp, qc, None, gp, gc, distances=-(qn @ gn.T))
     assert given.keys() == plain.keys()
     assert given["num_queries"] == plain["num_queries"]
     for k in ("R1", "R5", "R10", "mAP", "mINP"):  # percent, float32 means of the same ranking
         assert_close(given[k], plain[k], 1e-6, k, scale=100)
     assert_close(given["cmc"], plain["cmc"], 1e-6, "cmc", scale=100)
 
-    reranked = evaluate.image_reid(None, qp, qc, None, gp, gc, distances=rerank.k_reciprocal(q, g, k1=6, k2=3),
+    reranked = metrics.image_reid(None, qp, qc, None, gp, gc, distances=rerank.k_reciprocal(q, g, k1=6, k2=3),
                                    max_rank=10, chunk=3)
     assert reranked["num_queries"] == 10
     for k in ("R1", "mAP", "mINP"):
@@ -125,6 +125,6 @@ def test_bad_features_and_distances():
         rerank.k_reciprocal(q[0], g)
     pids, cams = np.zeros(3, int), np.zeros(8, int)
     with pytest.raises(ValueError, match="distances"):
-        evaluate.image_reid(None, pids, pids, None, cams, cams + 1, distances=np.zeros((3, 7)))
+        metrics.image_reid(None, pids, pids, None, cams, cams + 1, distances=np.zeros((3, 7)))
     with pytest.raises(ValueError, match="query_feats"):
-        evaluate.image_reid(None, pids, pids, None, cams, cams + 1)
+        metrics.image_reid(None, pids, pids, None, cams, cams + 1)

@@ -138,14 +138,14 @@ def _cfg() -> ml_collections.ConfigDict:
 
 
 def test_training_set_single_spec(data_dir):
-    from reid_jax.train import common
+    from reid_jax.data import specs
 
-    full_source, full_index = common.dataset_source(ml_collections.ConfigDict(_spec()), data_dir, False)
-    source, index = common.training_set(ml_collections.ConfigDict(_spec()), data_dir, False)
+    full_source, full_index = specs.dataset_source(ml_collections.ConfigDict(_spec()), data_dir, False)
+    source, index = specs.training_set(ml_collections.ConfigDict(_spec()), data_dir, False)
     assert type(source) is type(full_source)  # unrestricted: the split's own source and index, unchanged
     _same_index(index, full_index)
 
-    source, index = common.training_set(_spec(domains=["daylight", "night"]), data_dir, False,
+    source, index = specs.training_set(_spec(domains=["daylight", "night"]), data_dir, False,
                                         decode_image=False)
     assert isinstance(source, sources.SubsetSource)
     assert 0 < len(source) == len(index) < len(full_index)
@@ -155,14 +155,14 @@ def test_training_set_single_spec(data_dir):
     _same_index(scanned, index)  # every record's domain is daylight or night, in the index's order
 
     with pytest.raises(ValueError, match=r"dusk.*daylight.*night.*overcast"):
-        common.training_set(_spec(domains=["night", "dusk"]), data_dir, False)
+        specs.training_set(_spec(domains=["night", "dusk"]), data_dir, False)
 
 
 def test_training_set_two_specs_and_pipelines(data_dir):
-    from reid_jax.train import common
+    from reid_jax.data import specs
 
-    specs = [_spec(domains=["daylight"]), _spec(domains=["night"])]
-    source, index = common.training_set(specs, data_dir, False)
+    two = [_spec(domains=["daylight"]), _spec(domains=["night"])]
+    source, index = specs.training_set(two, data_dir, False)
     assert isinstance(source, sources.ConcatSource) and len(source) == len(index)
     first = source.starts[1]
     assert set(index.domains[:first].tolist()) == {"synthetic#0"} and set(index.domains[first:]) == {"synthetic#1"}
@@ -172,7 +172,7 @@ def test_training_set_two_specs_and_pipelines(data_dir):
     assert recs[0]["domain"] == b"synthetic#1" and recs[0]["image"].shape[-1] == 3
 
     # train + test splits with distinct labels: distinct identities, the labels as domains.
-    source2, index2 = common.training_set([_spec(), _spec("test", label="held")], data_dir, False)
+    source2, index2 = specs.training_set([_spec(), _spec("test", label="held")], data_dir, False)
     n_train = int(source2.starts[1])
     assert set(index2.domains.tolist()) == {"synthetic", "held"}
     assert index2.pids[n_train:].min() > index2.pids[:n_train].max()
@@ -193,13 +193,13 @@ def test_training_set_two_specs_and_pipelines(data_dir):
 
 
 def test_evaluation_set_domains(data_dir):
-    from reid_jax.train import common
+    from reid_jax.data import specs
 
     spec = _spec(domains=("overcast",))
     for split in ("query", "gallery"):
-        source, index = common.evaluation_set(spec, split, data_dir, False, decode_image=False)
-        full = common.dataset_source(ml_collections.ConfigDict(_spec(split)), data_dir, False)[1]
+        source, index = specs.evaluation_set(spec, split, data_dir, False, decode_image=False)
+        full = specs.dataset_source(ml_collections.ConfigDict(_spec(split)), data_dir, False)[1]
         assert 0 < len(source) == len(index) == int((full.domains == "overcast").sum())
         _same_index(SplitIndex.scan(source), index)
-    source, index = common.evaluation_set(_spec(), "query", data_dir, False)
+    source, index = specs.evaluation_set(_spec(), "query", data_dir, False)
     assert not isinstance(source, sources.SubsetSource) and len(source) == len(index)

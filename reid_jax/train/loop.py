@@ -6,7 +6,8 @@ A method supplies a *task* object:
   task.init_state() -> TrainState                 the model, optimizer and any per-example buffers
   task.train_stream(shard) -> grain.IterDataset   host batches
   task.train_step(ts, batch, rng) -> metrics      mutates `ts` (runs inside jit)
-  task.evaluate(model, step, workdir) -> dict     {'eval/<dataset>/<metric>': value}
+  task.evaluate(model, step, workdir, mesh) -> dict  {'eval/<dataset>/<metric>': value} (a `reid_jax.eval`
+                                                  evaluator, handed the loop's mesh)
   task.learning_rate(step) -> float
 """
 
@@ -32,7 +33,8 @@ from tqdm import tqdm
 
 from reid_jax.data.pipeline import Shard, close_stream
 from reid_jax.errors import UserError, warn
-from reid_jax.train import mesh as mesh_lib, preemption
+from reid_jax import mesh as mesh_lib
+from reid_jax.train import preemption
 from reid_jax.train.checkpoint import Checkpointer
 from reid_jax.train.writer import MetricWriter, evaluated_steps, read_records
 
@@ -222,7 +224,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
             saved.add(step)
 
     def evaluate(step, state, guard):
-        results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir)
+        results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir, mesh)
         _crash_point("evaluation", step)
         with guard():  # the saves and the record that marks the evaluation done are not cut short
             for name, value in _best_metric(config, results).items():
@@ -300,20 +302,29 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
 
 
 def evaluate_only(config, workdir: Path, task) -> dict:
-    """Evaluates the task's initial model (e.g. a converted CLIP checkpoint: the zero-shot baseline)."""
+    """Evaluates the task's initial model (e.g. a converted CLIP checkpoint: the zero-shot baseline) at step 0."""
+    mesh = mesh_lib.make_mesh(config.mesh)
+    return _evaluate_and_record(config, workdir, task, task.init_state().model, 0, mesh)
+
+
+def evaluate_checkpoint(config, workdir: Path, task) -> dict:
+    """Evaluates the newest readable checkpoint in workdir (`--mode=eval`); UserError when there is none."""
+    workdir = Path(workdir)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    mesh, graphdef, state, shardings = place_state(config, task)
+    restored = ckpt.restore_latest(abstract_state(state, shardings))
+    if restored is None:
+        raise UserError(f"--mode=eval: no checkpoint in {workdir / 'checkpoints'}; pass the --workdir of a "
+                        f"training run, or score the initial model with --config.train.epochs=0")
+    step, state, _, _ = restored
+    return _evaluate_and_record(config, workdir, task, nnx.merge(graphdef, state).model, step, mesh)
+
+
+def _evaluate_and_record(config, workdir: Path, task, model, step: int, mesh) -> dict:
     writer = MetricWriter(Path(workdir))
     try:
-        results = task.evaluate(task.init_state().model, 0, Path(workdir))
-        writer.write(0, results)
+        results = task.evaluate(model, step, Path(workdir), mesh)
+        writer.write(step, results)
     finally:
         writer.close()
     return results
-
-
-def gather(x: jax.Array) -> np.ndarray:
-    """A global array -> the full numpy array on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

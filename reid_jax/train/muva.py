@@ -32,14 +32,17 @@ from flax import nnx
 
 from reid_jax import errors, losses, weights
 from reid_jax.captioning import simulate
-from reid_jax.data import pipeline, sources
+from reid_jax.data import pipeline, sources, specs
 from reid_jax.data.index import relabel
 from reid_jax.models import muva as muva_lib
 from reid_jax.models import posemb
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
 from reid_jax.models.memory import update_hard
-from reid_jax.train import common, loop, mesh as mesh_lib
+from reid_jax import mesh as mesh_lib
+from reid_jax.eval import image_reid
+from reid_jax.eval.encode import encode_stream, jitted
+from reid_jax.train import common, loop
 
 GRANULARITIES = ("person", "head of a person", "upper body of a person", "legs of a person")
 
@@ -58,10 +61,10 @@ class Task:
         if not 0 <= m.num_parts <= 3:
             raise errors.ConfigError(f"config.muva.num_parts must be 0 (CLS only) .. 3 (head, upper body, legs), "
                              f"got {m.num_parts}")
-        self.data_dir = common.data_dir(config, self.workdir)
-        self.source, self.index = common.training_set(config.data.train, self.data_dir, config.data.auto_build)
+        self.data_dir = specs.data_dir(config, self.workdir)
+        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         if m.simulate_grounding:
-            meta, _ = common.training_set(config.data.train, self.data_dir, False, decode_image=False)
+            meta, _ = specs.training_set(config.data.train, self.data_dir, False, decode_image=False)
             boxes = np.stack([np.asarray(meta[i]["part_boxes"], np.float32) for i in range(len(meta))])
             table, fallbacks = simulate.simulate_table(boxes, config.seed, simulate.GroundingNoise(
                 **m.grounding_noise.to_dict()))
@@ -132,19 +135,17 @@ class Task:
         """[C, G E]: per training identity, the normalised mean of its images' normalised features, each image
         encoded with the pseudo masks of its (stored) part boxes."""
         cfg = self.config
-        graphdef, state = nnx.split(model)
         r = cfg.muva.num_parts
 
-        @jax.jit
-        def encode(state, images, boxes):
-            masks = self._pseudo_masks(boxes) if r else None
-            return losses.l2_normalize(nnx.merge(graphdef, state).image_features(images, masks))
+        def encode(m, b):
+            masks = self._pseudo_masks(b["part_boxes"]) if r else None
+            return losses.l2_normalize(m.image_features(b["image"], masks))
 
         shard = pipeline.Shard.from_jax()
         stream = pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
                                       shard=shard)
-        out = common.encode_stream(stream, "image", lambda b: encode(state, b["image"], b["part_boxes"]),
-                                   mesh_lib.make_mesh(cfg.mesh))
+        out = encode_stream(stream, "image", jitted(model, encode), mesh_lib.make_mesh(cfg.mesh),
+                            desc="identity centroids")
         means = common.class_means(out["feats"], relabel(self.index.pids)[0], self.num_classes)
         return np.asarray(losses.l2_normalize(jnp.asarray(means)))
 
@@ -154,18 +155,18 @@ class Task:
         return [prompts.prompt_ids(s1.template.format(g), s1.num_context, length)
                 for g in GRANULARITIES[: 1 + self.config.muva.num_parts]]
 
-    def _text_features(self, clip, ctx: jax.Array, specs) -> jax.Array:
+    def _text_features(self, clip, ctx: jax.Array, prompt_specs) -> jax.Array:
         """Context vectors [b, G, n, Dt] -> the G prompts' EOT features concatenated, [b, G E]."""
         return jnp.concatenate([prompts.prompt_features(clip, ctx[:, g], ids, slots)
-                                for g, (ids, slots) in enumerate(specs)], axis=-1)
+                                for g, (ids, slots) in enumerate(prompt_specs)], axis=-1)
 
     def _learn_prompts(self, clip, centroids: np.ndarray) -> np.ndarray:
         """Stage 1: the per-identity context vectors alone (text tower frozen) -> text prototypes [C, G E]."""
         s1, n = self.config.stage1, self.num_classes
-        specs = self._prompt_specs()
+        prompt_specs = self._prompt_specs()
         width = clip.config.text.width
         ctx = s1.init_std * jax.random.normal(jax.random.key(self.config.seed + 3),
-                                              (n, len(specs), s1.num_context, width))
+                                              (n, len(prompt_specs), s1.num_context, width))
         graphdef, state = nnx.split(clip)
         centres = jnp.asarray(centroids)
         steps_per_epoch = -(-n // s1.batch_size)
@@ -175,7 +176,7 @@ class Task:
         @jax.jit
         def step(ctx, opt_state, ids):
             def loss_fn(ctx):
-                text = self._text_features(nnx.merge(graphdef, state), ctx[ids], specs)
+                text = self._text_features(nnx.merge(graphdef, state), ctx[ids], prompt_specs)
                 return losses.cross_entropy(losses.l2_normalize(text) @ centres.T / s1.temperature, ids)
 
             loss, grads = jax.value_and_grad(loss_fn)(ctx)
@@ -190,7 +191,7 @@ class Task:
                 ctx, opt_state, loss = step(ctx, opt_state, jnp.asarray(order[b * s1.batch_size:
                                                                               (b + 1) * s1.batch_size]))
             logging.warning("MUVA stage 1 (prompts): epoch %d/%d, loss %.4f", epoch + 1, s1.epochs, float(loss))
-        encode = jax.jit(lambda ctx: self._text_features(nnx.merge(graphdef, state), ctx, specs))
+        encode = jax.jit(lambda ctx: self._text_features(nnx.merge(graphdef, state), ctx, prompt_specs))
         return np.concatenate([np.asarray(encode(ctx[i: i + s1.batch_size])) for i in range(0, n, s1.batch_size)])
 
     # ---------------------------------------------------------------------------------------------- stage 2
@@ -223,8 +224,6 @@ class Task:
         return {"loss": loss} | {f"loss_{k}": v for k, v in parts.items()}
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, model: muva_lib.MUVAModel, step: int, workdir: Path) -> dict:
-        graphdef, state = nnx.split(model)
-        encode = jax.jit(lambda s, x, boxes: nnx.merge(graphdef, s).image_features(x, self._given_masks(boxes)))
-        return common.evaluate_image_reid(self.config, self.data_dir,
-                                          lambda b: encode(state, b["image"], b["part_boxes"]), step, workdir)
+    def evaluate(self, model: muva_lib.MUVAModel, step: int, workdir: Path, mesh) -> dict:
+        encode = jitted(model, lambda m, b: m.image_features(b["image"], self._given_masks(b["part_boxes"])))
+        return image_reid.evaluate(self.config, self.data_dir, encode, step, workdir, mesh)

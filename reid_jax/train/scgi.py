@@ -24,13 +24,16 @@ import numpy as np
 from flax import nnx
 
 from reid_jax import data, errors, losses, weights
-from reid_jax.data import pipeline
+from reid_jax.data import pipeline, specs
 from reid_jax.models import cgi as cgi_lib
 from reid_jax.models import prompts
 from reid_jax.models.cff import CFF
 from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BNNeck
-from reid_jax.train import common, loop, mesh as mesh_lib
+from reid_jax import mesh as mesh_lib
+from reid_jax.eval import image_reid
+from reid_jax.eval.encode import encode_stream, jitted
+from reid_jax.train import common, loop
 
 
 class SCGIHeads(nnx.Module):
@@ -53,8 +56,8 @@ class Task:
             raise errors.ConfigError("config.cff.enabled needs config.cgi.enabled: CFF fuses CGI's pseudo-words")
         if config.loss.i2t_mode not in ("prototypes", "batch"):
             raise errors.ConfigError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got {config.loss.i2t_mode!r}")
-        self.data_dir = common.data_dir(config, workdir)
-        self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
+        self.data_dir = specs.data_dir(config, workdir)
+        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         self.num_classes = len(np.unique(self.index.pids))
         self.num_cameras = int(self.index.camids.max()) + 1 if config.model.sie else 0
         common.check_pk_batch(config)
@@ -79,12 +82,11 @@ class Task:
         cfg = self.config
         captions = data.load_source(cfg.data.train.name, cfg.data.train.split, self.data_dir,
                                     cfg.data.train.get("config") or None, decode_image=False)
-        graphdef, state = nnx.split(clip)
-        encode = jax.jit(lambda s, ids: nnx.merge(graphdef, s).text_features(ids))
         shard = pipeline.Shard.from_jax()
         stream = pipeline.eval_captions(captions, self.index, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
                                         shard=shard)
-        out = common.encode_stream(stream, "text", lambda b: encode(state, b["text"]), mesh_lib.make_mesh(cfg.mesh))
+        out = encode_stream(stream, "text", jitted(clip, lambda m, b: m.text_features(b["text"])),
+                            mesh_lib.make_mesh(cfg.mesh), desc="caption prototypes")
         labels = np.searchsorted(np.unique(self.index.pids), out["pid"])
         return jnp.asarray(common.class_means(out["feats"], labels, self.num_classes))
 
@@ -143,12 +145,10 @@ class Task:
         return {"loss": loss} | {f"loss_{k}": v for k, v in parts.items()}
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, model: CLIPReID, step: int, workdir: Path) -> dict:
-        graphdef, state = nnx.split(model)
+    def evaluate(self, model: CLIPReID, step: int, workdir: Path, mesh) -> dict:
         cams = bool(self.num_cameras)
-        encode = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).image_features(x, c if cams else None))
-        return common.evaluate_image_reid(self.config, self.data_dir, lambda b: encode(state, b["image"], b["camid"]),
-                                          step, workdir, check=self._check_cameras)
+        encode = jitted(model, lambda m, b: m.image_features(b["image"], b["camid"] if cams else None))
+        return image_reid.evaluate(self.config, self.data_dir, encode, step, workdir, mesh, check=self._check_cameras)
 
     def _check_cameras(self, spec, split: str, index) -> None:
         if self.num_cameras and index.camids.max() >= self.num_cameras:

@@ -20,21 +20,22 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from reid_jax import data, errors, evaluate, losses, weights
-from reid_jax.data import pipeline
+from reid_jax import errors, losses, weights
+from reid_jax.data import pipeline, specs
+from reid_jax.eval import text_reid
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
-from reid_jax.train import common, loop, mesh as mesh_lib, visualize
+from reid_jax.train import common, loop
 
 
 class Task:
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
         self.config = config
-        self.data_dir = common.data_dir(config, workdir)
+        self.data_dir = specs.data_dir(config, workdir)
         if config.nam.mode == "nam" and config.data.caption_mode != "all":
             raise errors.ConfigError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
                              "config.data.caption_mode='all'")
-        self.source, self.index = common.dataset_source(config.data.train, self.data_dir, config.data.auto_build)
+        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
         self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config,
@@ -104,32 +105,5 @@ class Task:
         return metrics | ({f"loss_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
 
     # ----------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, model: clip_lib.CLIP, step: int, workdir: Path) -> dict:
-        results = {}
-        mesh = mesh_lib.make_mesh(self.config.mesh)
-        for spec in self.config.eval.datasets:
-            name = spec.get("label", spec.name)
-            source, index = common.dataset_source(spec, self.data_dir, self.config.data.auto_build)
-            captions = data.load_source(spec.name, spec.split, self.data_dir, spec.get("config") or None,
-                                        decode_image=False)
-            img, txt = self._features(model, source, captions, index, mesh)
-            metrics = evaluate.text_to_image(txt["feats"], txt["pid"], img["feats"], img["pid"])
-            results.update({f"eval/{name}/{k}": v for k, v in metrics.items() if k != "num_queries"})
-            if jax.process_index() == 0 and self.config.eval.png_queries:
-                visualize.retrieval_png(Path(workdir) / f"retrieval_{name}_{step}.png", source, captions, index,
-                                        txt, img, self.config.eval.png_queries)
-        return results
-
-    def _features(self, model, source, captions, index, mesh) -> tuple[dict, dict]:
-        """Every test image and caption encoded on the mesh: {'feats' [N, D], 'pid' [N], ...} each."""
-        cfg = self.config
-        shard = pipeline.Shard.from_jax()
-        graphdef, state = nnx.split(model)
-        encode_img = jax.jit(lambda s, x: nnx.merge(graphdef, s).image_features(x))
-        encode_txt = jax.jit(lambda s, x: nnx.merge(graphdef, s).text_features(x))
-        bs = cfg.eval.batch_size // shard.count
-        img = common.encode_stream(pipeline.eval_images(source, cfg.data, batch_size=bs, shard=shard),
-                                   "image", lambda b: encode_img(state, b["image"]), mesh, desc="images")
-        txt = common.encode_stream(pipeline.eval_captions(captions, index, cfg.data, batch_size=bs, shard=shard),
-                                   "text", lambda b: encode_txt(state, b["text"]), mesh, desc="captions")
-        return img, txt
+    def evaluate(self, model: clip_lib.CLIP, step: int, workdir: Path, mesh) -> dict:
+        return text_reid.evaluate(self.config, self.data_dir, model, step, workdir, mesh)

@@ -71,3 +71,12 @@ def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
     """This process's rows of a global batch (numpy) -> global jax.Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """A global array -> the full numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
