@@ -23,6 +23,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from reid_jax.files import write_text_atomically
+
 RECORD = "reid_jax_build.json"
 STAGING_PREFIX = ".building-"
 FORMAT = 1  # of the record; a record of another format counts as changed inputs
@@ -113,9 +115,7 @@ def _folder_change(was: dict | None, now: dict | None) -> str:
 
 def write_record(version_dir: Path, rec: dict) -> None:
     """Written under a temporary name and renamed, so the record is never half-written."""
-    tmp = version_dir / f".{RECORD}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, version_dir / RECORD)
+    write_text_atomically(version_dir / RECORD, json.dumps(rec, indent=1, sort_keys=True) + "\n")
 
 
 # -------------------------------------------------------------------------------------------- staging, swap

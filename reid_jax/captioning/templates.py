@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from reid_jax import files
 from reid_jax.errors import UserError
 
 SLOTS = ("[clothing description]", "[hair description]", "[footwear description]", "[accessory description]",
@@ -304,15 +304,9 @@ def load_bank(path: str | Path | None, rules: TemplateRules = TemplateRules()) -
 def save_bank(bank: list[str], path: str | Path) -> None:
     """Writes the bank atomically (temporary file + rename): a crash leaves the old bank or the new, whole."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(t + "\n" for t in bank), encoding="utf-8")
-        os.replace(tmp, path)
+        files.write_text_atomically(path, "".join(t + "\n" for t in bank))
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)  # a half-written temporary must not stay beside the bank
-        except OSError:
-            pass
         raise BankError(f"--out {path}: cannot be written ({e.strerror}); choose a path in a folder you can write "
                         "to") from None

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import jax
 
+from reid_jax import files
 from reid_jax.errors import UserError, warn
 
 
@@ -53,9 +53,7 @@ class MetricWriter:
 
     def _truncate(self, step: int) -> None:
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        files.write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
