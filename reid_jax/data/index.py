@@ -8,11 +8,13 @@ TFDS source with the image left encoded is cheap, and the result is cached besid
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from reid_jax import files
+from reid_jax.data.records import as_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +35,12 @@ class SplitIndex:
             pids.append(int(r["pid"]))
             camids.append(int(r["camid"]))
             ncap.append(len(r["captions"]))
-            d = r["domain"]
-            domains.append(d.decode() if isinstance(d, bytes) else str(d))
+            domains.append(as_str(r["domain"]))
         return cls(np.asarray(pids, np.int64), np.asarray(camids, np.int64), np.asarray(ncap, np.int32),
                    np.asarray(domains, dtype=str))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **dataclasses.asdict(self))
-        os.replace(tmp, path)
+        files.write_atomically(path, lambda tmp: np.savez(tmp, **dataclasses.asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> SplitIndex:

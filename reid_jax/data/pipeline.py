@@ -34,6 +34,7 @@ from absl import flags
 
 from reid_jax import tokenizer
 from reid_jax.data import transforms
+from reid_jax.data.records import as_str, read
 from reid_jax.data.index import SplitIndex, relabel
 
 
@@ -76,15 +77,6 @@ def pk_batch(groups: Sequence[np.ndarray], p: int, k: int, rng: np.random.Genera
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _read(source, ids: np.ndarray) -> list[dict]:
-    ids = [int(i) for i in ids]
-    return source.__getitems__(ids) if hasattr(source, "__getitems__") else [source[i] for i in ids]
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _example_rngs(seed: int, positions: np.ndarray) -> list[np.random.Generator]:
     """One generator per stream position: augmentation independent of batch slicing, hosts and workers."""
     return [np.random.default_rng([seed, int(p)]) for p in positions]
@@ -99,12 +91,12 @@ def _load_pairs(source, examples, labels, cfg, seed: int, items: np.ndarray) -> 
     positions, ids = items[:, 0], items[:, 1]
     record_ids, caption_ids = examples[0][ids], examples[1][ids]
     images, boxes, captions = [], [], []
-    for rec, cap, rng in zip(_read(source, record_ids), caption_ids, _example_rngs(seed, positions)):
+    for rec, cap, rng in zip(read(source, record_ids), caption_ids, _example_rngs(seed, positions)):
         image, box = _augment(rec, cfg, rng)
         images.append(image)
         boxes.append(box)
         cap = int(rng.integers(len(rec["captions"]))) if cap < 0 else cap
-        captions.append(_text(rec["captions"][cap]))
+        captions.append(as_str(rec["captions"][cap]))
     return {"image": np.stack(images), "text": tokenizer.tokenize(captions, cfg.context_length),
             "pid": labels[record_ids], "part_boxes": np.stack(boxes), "index": ids.astype(np.int32),
             "image_index": record_ids.astype(np.int32)}
@@ -115,13 +107,13 @@ def _load_images(source, labels, cfg, seed: int, captions: bool, items: np.ndarr
     drawn per image visit if `captions`."""
     positions, record_ids = items[:, 0], items[:, 1]
     images, boxes, camids, texts = [], [], [], []
-    for rec, rng in zip(_read(source, record_ids), _example_rngs(seed, positions)):
+    for rec, rng in zip(read(source, record_ids), _example_rngs(seed, positions)):
         image, box = _augment(rec, cfg, rng)
         images.append(image)
         boxes.append(box)
         camids.append(rec["camid"])
         if captions:
-            texts.append(_text(rec["captions"][int(rng.integers(len(rec["captions"])))]))
+            texts.append(as_str(rec["captions"][int(rng.integers(len(rec["captions"])))]))
     batch = {"image": np.stack(images), "pid": labels[record_ids], "camid": np.asarray(camids, np.int32),
              "part_boxes": np.stack(boxes), "index": record_ids.astype(np.int32),
              "image_index": record_ids.astype(np.int32)}
@@ -182,11 +174,11 @@ def _counted(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
-                subset: np.ndarray | None = None) -> grain.IterDataset:
+def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int,
+                shard: Shard = Shard()) -> grain.IterDataset:
     """Shuffled image-caption pairs; `cfg` is config.data (batch_size global, caption_mode, context_length,
     num_epochs (None = forever), num_workers, aug)."""
-    records = np.arange(len(index)) if subset is None else np.asarray(subset)
+    records = np.arange(len(index))
     examples = caption_examples(index.num_captions, records, cfg.caption_mode)
     labels = _train_labels(index, records)
     rows = shard.rows(cfg.batch_size)
@@ -198,10 +190,10 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
 
 
 def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
-             subset: np.ndarray | None = None, captions: bool = False) -> grain.IterDataset:
+             captions: bool = False) -> grain.IterDataset:
     """Identity-balanced batches of P x K images; an epoch is len(records) // (P * K) batches. `captions`: add
     one of each image's captions, drawn per visit (`text`, int32 [B, cfg.context_length])."""
-    records = np.arange(len(index)) if subset is None else np.asarray(subset)
+    records = np.arange(len(index))
     if captions and np.any(index.num_captions[records] == 0):
         missing = int(np.sum(index.num_captions[records] == 0))
         raise ValueError(f"{missing} of the {len(records)} training images have no caption; build the dataset with "
@@ -233,37 +225,35 @@ def _eval_positions(n: int, batch_size: int, shard: Shard) -> grain.MapDataset:
 
 
 def eval_images(source, cfg: ml_collections.ConfigDict, *, batch_size: int, shard: Shard = Shard(),
-                subset: np.ndarray | None = None, num_workers: int = 0) -> grain.IterDataset:
+                num_workers: int = 0) -> grain.IterDataset:
     """Every record once, in order: image (resized, normalised), pid, camid and part boxes as stored, valid."""
-    records = np.arange(len(source)) if subset is None else np.asarray(subset)
 
     def load(positions):
         valid = positions >= 0
-        ids = records[np.where(valid, positions, 0)]
-        recs = _read(source, ids)
+        ids = np.where(valid, positions, 0)
+        recs = read(source, ids)
         return {"image": np.stack([transforms.eval_transform(r["image"], cfg.aug) for r in recs]),
                 "pid": np.asarray([r["pid"] for r in recs], np.int32),
                 "camid": np.asarray([r["camid"] for r in recs], np.int32),
                 "part_boxes": np.stack([np.asarray(r["part_boxes"], np.float32) for r in recs]),
                 "image_index": ids.astype(np.int32), "valid": valid}
 
-    return _counted(_eval_positions(len(records), batch_size, shard).map(load), num_workers)
+    return _counted(_eval_positions(len(source), batch_size, shard).map(load), num_workers)
 
 
 def eval_captions(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, batch_size: int,
-                  shard: Shard = Shard(), subset: np.ndarray | None = None) -> grain.IterDataset:
+                  shard: Shard = Shard()) -> grain.IterDataset:
     """Every caption once, in order: text int32 [B, L], pid (the dataset's), image_index, valid.
 
     Pass a source opened with `decode_image=False`: only the captions are read.
     """
-    records = np.arange(len(index)) if subset is None else np.asarray(subset)
-    rec_of, cap_of = caption_examples(index.num_captions, records, "all")
+    rec_of, cap_of = caption_examples(index.num_captions, np.arange(len(index)), "all")
 
     def load(positions):
         valid = positions >= 0
         safe = np.where(valid, positions, 0)
-        recs = _read(source, rec_of[safe])
-        captions = [_text(r["captions"][c]) for r, c in zip(recs, cap_of[safe])]
+        recs = read(source, rec_of[safe])
+        captions = [as_str(r["captions"][c]) for r, c in zip(recs, cap_of[safe])]
         return {"text": tokenizer.tokenize(captions, cfg.context_length),
                 "pid": index.pids[rec_of[safe]].astype(np.int32), "image_index": rec_of[safe].astype(np.int32),
                 "valid": valid}

@@ -23,13 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from reid_jax.data.index import SplitIndex
-
-
-def _read(source, ids: list[int]) -> list[dict]:
-    """Records `ids` of `source`, batched through its `__getitems__` when it has one."""
-    if hasattr(source, "__getitems__"):
-        return list(source.__getitems__(ids))
-    return [source[i] for i in ids]
+from reid_jax.data.records import as_str, read
 
 
 def _record_ids(records, n: int, what: str) -> np.ndarray:
@@ -79,7 +73,7 @@ class SubsetSource(Sequence):
 
     def __getitems__(self, ids: Sequence[int]) -> list[dict]:
         n = len(self)
-        return _read(self.source, [int(self.records[_position(i, n, "SubsetSource")]) for i in ids])
+        return read(self.source, [int(self.records[_position(i, n, "SubsetSource")]) for i in ids])
 
     def __repr__(self) -> str:
         return f"SubsetSource({len(self)} of {len(self.source)} records of {self.source!r})"
@@ -114,7 +108,7 @@ def _check_labels(labels, count: int, what: str) -> list[str] | None:
         return None
     if isinstance(labels, (str, bytes)):
         raise TypeError(f"{what}: labels must be one string per source, got the single string {labels!r}")
-    labels = [lb.decode() if isinstance(lb, bytes) else str(lb) for lb in labels]
+    labels = [as_str(lb) for lb in labels]
     if len(labels) != count:
         raise ValueError(f"{what}: {len(labels)} labels {labels} for {count} sources")
     return labels
@@ -193,7 +187,7 @@ class ConcatSource(Sequence):
         out: list[dict | None] = [None] * len(where)
         for k in sorted({k for k, _ in where}):
             positions = [p for p, (kk, _) in enumerate(where) if kk == k]
-            for p, rec in zip(positions, _read(self.sources[k], [where[p][1] for p in positions])):
+            for p, rec in zip(positions, read(self.sources[k], [where[p][1] for p in positions])):
                 out[p] = self._convert(k, rec)
         return out
 
@@ -215,4 +209,4 @@ class PartBoxesSource:
         return dict(self.source[i], part_boxes=self.boxes[i])
 
     def __getitems__(self, ids) -> list[dict]:
-        return [dict(r, part_boxes=self.boxes[i]) for r, i in zip(_read(self.source, list(ids)), ids)]
+        return [dict(r, part_boxes=self.boxes[i]) for r, i in zip(read(self.source, list(ids)), ids)]

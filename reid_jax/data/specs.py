@@ -15,6 +15,7 @@ import numpy as np
 from reid_jax import data, errors
 from reid_jax.data import index as index_lib
 from reid_jax.data import sources as sources_lib
+from reid_jax.data.records import as_str
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
@@ -52,7 +53,7 @@ def _spec_domains(spec) -> list[str]:
     domains = spec.get("domains") or []
     if isinstance(domains, (str, bytes)):
         domains = [domains]
-    return [d.decode() if isinstance(d, bytes) else str(d) for d in domains]
+    return [as_str(d) for d in domains]
 
 
 def _describe_one(spec) -> str:

@@ -3,14 +3,16 @@ green, wrong ones red (`WORKDIR/retrieval_<dataset>_<step>.png`)."""
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from reid_jax import files, losses
 from reid_jax.data import pipeline
+from reid_jax.data.records import as_str
 
 THUMB = (96, 48)  # (H, W) of a gallery thumbnail
 TEXT_W = 260
@@ -18,8 +20,10 @@ BORDER = 3
 TOP_K = 10
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def _cosine(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Features q [Q, D], g [G, D] -> cosine similarities [Q, G], normalised as the metrics normalise them."""
+    q, g = (losses.l2_normalize(jnp.asarray(x, jnp.float32)) for x in (q, g))
+    return np.asarray(q @ g.T)
 
 
 def _canvas(num_rows: int, left_w: int) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
@@ -42,20 +46,17 @@ def _ranked_row(canvas, draw, y: int, left_w: int, sims: np.ndarray, gallery_sou
 
 
 def _save(canvas: Image.Image, path: Path) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    files.write_atomically(path, canvas.save)
 
 
 def retrieval_png(path: Path, source, captions_source, index, txt: dict, img: dict, num_queries: int) -> None:
     """txt / img: evaluation features {'feats', 'pid', 'image_index'} in stream order."""
     records, caption_ids = pipeline.caption_examples(index.num_captions, np.arange(len(index)), "all")
     queries = np.linspace(0, len(txt["feats"]) - 1, num_queries).astype(int)
-    sims = _l2n(txt["feats"][queries]) @ _l2n(img["feats"]).T
+    sims = _cosine(txt["feats"][queries], img["feats"])
     canvas, draw, row_h = _canvas(len(queries), TEXT_W)
     for row, (q, s) in enumerate(zip(queries, sims)):
-        caption = captions_source[int(records[q])]["captions"][int(caption_ids[q])]
-        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        caption = as_str(captions_source[int(records[q])]["captions"][int(caption_ids[q])])
         draw.multiline_text((4, row * row_h + 4), "\n".join(textwrap.wrap(caption, 42)[:7]), fill="black")
         _ranked_row(canvas, draw, row * row_h + 4, TEXT_W, s, source, img, txt["pid"][q])
     _save(canvas, path)
@@ -65,7 +66,7 @@ def image_retrieval_png(path: Path, query_source, gallery_source, q: dict, g: di
     """Image queries (left) with their top-10 gallery images; gallery images of the query's identity seen by the
     query's camera are left out, as the Market-1501 protocol does. q / g: {'feats', 'pid', 'camid', 'image_index'}."""
     queries = np.linspace(0, len(q["feats"]) - 1, num_queries).astype(int)
-    sims = _l2n(q["feats"][queries]) @ _l2n(g["feats"]).T
+    sims = _cosine(q["feats"][queries], g["feats"])
     left_w = THUMB[1] + 4 * BORDER + 8
     canvas, draw, row_h = _canvas(len(queries), left_w)
     for row, (i, s) in enumerate(zip(queries, sims)):

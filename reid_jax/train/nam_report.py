@@ -19,6 +19,7 @@ from absl import app, flags
 
 from reid_jax import data, tokenizer
 from reid_jax.data import pipeline
+from reid_jax.data.records import as_str
 from reid_jax.models import nam
 from reid_jax.weights import runs
 
@@ -48,8 +49,8 @@ def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int
     records, caption_ids = pipeline.caption_examples(counts, np.arange(len(noisy)), "all")
     by_name = {clean[i]["file_name"]: i for i in range(len(clean))}  # the two builds may order records apart
     noisy_recs = [noisy[int(r)] for r in range(len(noisy))]
-    ids = tokenizer.tokenize([noisy_recs[r]["captions"][c].decode() for r, c in zip(records, caption_ids)], length)
-    ref = tokenizer.tokenize([clean[by_name[noisy_recs[r]["file_name"]]]["captions"][c].decode()
+    ids = tokenizer.tokenize([as_str(noisy_recs[r]["captions"][c]) for r, c in zip(records, caption_ids)], length)
+    ref = tokenizer.tokenize([as_str(clean[by_name[noisy_recs[r]["file_name"]]]["captions"][c])
                               for r, c in zip(records, caption_ids)], length)
     probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims[: len(ids)]), p, "nam"))
     real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
