@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from reid_jax.models import clip as clip_lib
+from reid_jax.models import posemb
 from reid_jax.models.attention import CrossAttention
 
 Array = jax.Array
@@ -50,7 +51,7 @@ def boxes_to_masks(boxes: Array, image_size: tuple[int, int], patch_size: int, s
     row-major over the grid: a patch belongs to a box when its centre lies in it, half-open (the 'centre' rule of
     `reid_jax.captioning.masks`, here in jnp so that it runs in the step on the augmented boxes)."""
     h, w = image_size
-    rows, cols = (h - patch_size) // stride + 1, (w - patch_size) // stride + 1
+    rows, cols = posemb.grid_size(image_size, patch_size, stride)
     cy = (jnp.arange(rows) * stride + patch_size / 2) / h
     cx = (jnp.arange(cols) * stride + patch_size / 2) / w
     x0, y0, x1, y1 = (boxes[..., k, None] for k in range(4))
