@@ -21,7 +21,7 @@ import pytest
 from data_builders.common import read_part_boxes
 from reid_jax.captioning import __main__ as cli
 from reid_jax.captioning import boxes as boxes_lib
-from reid_jax.captioning import calibration, captioner, masks, mock_server, runner, store
+from reid_jax.captioning import bench, calibration, captioner, masks, mock_server, runner, store
 from reid_jax.captioning import templates as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -532,13 +532,32 @@ def test_cli_errors_say_what_to_do(rendered, tmp_path, capsys):
     assert code == 1 and "expected an http(s) URL" in capsys.readouterr().err
 
 
-def test_bench_runs(tmp_path):
+def test_bench_times_one_request_per_image_and_every_caption(rendered, server, tmp_path):
+    images, truth = rendered
+    keys = runner.list_images(images)
+    bench.bare_ms(server.url, images, keys, "template")
+    assert sorted(e["image"] for e in server.log) == sorted(keys)  # the floor: each image asked once
+    summary = bench.captioner_ms(server.url, images, tmp_path / "c.jsonl", 4, "template")
+    assert (summary["succeeded"], summary["failed"], len(server.log)) == (len(keys), 0, 2 * len(keys))
+    _check_captions(_lines(tmp_path / "c.jsonl"), truth, T.TEMPLATES)
+    # the time per image is the run's time over the images it did (elapsed_s is rounded to 1 ms)
+    assert abs(summary["ms_per_image"] - 1000 * summary["elapsed_s"] / len(keys)) <= 0.5 / len(keys) + 5e-4
+
+
+def test_bench_cli_rows_agree_with_each_other(tmp_path):
     res = subprocess.run([sys.executable, "-m", "reid_jax.captioning.bench", "--images", "8", "--concurrency", "1",
                           "4", "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert [r["setting"] for r in rows] == ["bare_http", "concurrency=1", "concurrency=4"]
-    assert all(r["images"] == 8 and r["ms_per_image"] > 0 for r in rows)
+    assert all(r["images"] == 8 for r in rows)
+    bare = rows[0]["ms_per_image"]
+    # each row's seconds, from its rate and from its time per image, agree up to the rounding of the printed
+    # values (ms to 1 us, images/s to 0.05, the run's elapsed_s to 1 ms): both count the same images
+    for r in rows[1:]:
+        ms, rate, n = r["ms_per_image"], r["images_per_s"], r["images"]
+        assert abs(n / rate - ms * n / 1000) <= 5e-4 + n * 5e-7 + 0.05 * n / rate ** 2 + 1e-9, r
+        assert abs(r["overhead_vs_bare_ms"] - (ms - bare)) <= 1.5e-3, r
 
 
 # ------------------------------------------------------------------------------ exits a chained command can trust

@@ -1,7 +1,8 @@
 """A local OpenAI-compatible vision server that answers from the synthetic pedestrians' ground truth.
 
-For tests, the benchmark and trying the tool without a model: `render(folder, n)` draws n synthetic pedestrians
-to PNG files and returns their truth (attributes and exact part boxes); `MockServer(truth)` serves
+Part of the tool, not only of its tests: `python -m reid_jax.captioning.bench` times the captioner against it,
+and a user can try the tool with it before pointing it at a model. `render(folder, n)` draws n synthetic
+pedestrians to PNG files and returns their truth (attributes and exact part boxes); `MockServer(truth)` serves
 `POST /v1/chat/completions` on 127.0.0.1, recognises each image by the SHA-256 of its bytes, and answers
   - a caption request (the static instruction, or a "Template: ..." prompt) with a true caption
     (templates filled from the identity's attributes),
