@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_builders.synthetic_pedestrians import CONFIGS, SyntheticConfig, attributes, builder, render
+from data_builders.synthetic_pedestrians import CONFIGS, attributes, builder, render
 from reid_jax import data
 from reid_jax.data.build import build
 
@@ -315,10 +315,20 @@ def test_some_identities_share_coarse_attributes():
         assert len(set(details)) == len(details)  # but they differ in something visible
 
 
-def test_configs():
-    assert {"small", "small_noisy", "demo"} <= {c.name for c in CONFIGS}
-    demo = next(c for c in CONFIGS if c.name == "demo")
-    assert demo.num_identities * demo.images_per_identity >= 4000 and demo.num_cameras >= 4
-    assert isinstance(SMALL, SyntheticConfig) and tuple(SMALL.image_size) == (128, 64)
+def test_configs(recs):
+    names = [c.name for c in CONFIGS]
+    assert {"small", "small_noisy", "demo", "demo_noisy"} <= set(names) and len(set(names)) == len(names)
+    assert {r["image"].shape for s in SPLITS for r in recs[s]} == {(*SMALL.image_size, 3)} == {(128, 64, 3)}
     with pytest.raises(ValueError, match="at least 2 cameras"):
         builder.plan(dataclasses.replace(SMALL, name="x", cameras_per_identity=(1, 2)))
+
+
+def test_demo_plan_is_what_its_description_says():
+    """Its config's description: '1500 identities (1200 train, 300 test) x 8 images, 6 cameras, 3 captions each'."""
+    demo = next(c for c in CONFIGS if c.name == "demo")
+    plan = builder.plan(demo)
+    shots = plan["train"] + plan["test"]
+    assert [len({s.identity.pid for s in plan[split]}) for split in ("train", "test")] == [1200, 300]
+    assert set(collections.Counter(s.identity.pid for s in shots).values()) == {8}
+    assert {s.view.camid for s in shots} == set(range(6))
+    assert {len(s.captions) for s in shots} == {3}
