@@ -18,6 +18,7 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from pathlib import Path
     sys.path.insert(0, {root!r})
+    from tests.numerics import assert_close
     from {config_module} import {config_fn} as make_config
     from reid_jax import mesh as mesh_lib
     from reid_jax.train import {task_module} as task_lib
@@ -36,7 +37,10 @@ SCRIPT = textwrap.dedent("""
         return nnx.state(ts), metrics
 
     def params(state):
-        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state), nnx.Param))]
+        flat = nnx.to_flat_state(nnx.state(nnx.merge(graphdef, state), nnx.Param))
+        return {{".".join(map(str, k)): np.array(v[...]) for k, v in flat}}  # copies: state0 is donated later
+
+    params_0 = params(state0)
 
     # one device
     cpu0 = jax.devices()[0]
@@ -61,19 +65,26 @@ SCRIPT = textwrap.dedent("""
         state, m = sharded(state, mesh_lib.global_batch(b, mesh), i)
         losses_8.append(float(m["loss"]))
     params_8 = params(state)
-    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
-    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(params_1, params_8))
-    assert worst < {tolerance}, worst
-    print("OK", n_split, losses_1, worst)
+    assert_close(losses_8, losses_1, 1e-5, "losses")  # float32 rounding of values near 10-100
+    # Parameters are compared on the scale of how far the step moved them, not of their values (LayerNorm
+    # scales near 1 next to 1e-3 steps): a wrong update is then as visible as a wrong loss.
+    assert params_8.keys() == params_1.keys()
+    moved = max(float(np.abs(params_1[k] - params_0[k]).max()) for k in params_1)
+    worst = max(assert_close(params_8[k], params_1[k], {rtol}, k, scale=moved) for k in params_1)
+    print("OK", n_split, losses_1, moved, worst)
 """)
 
 
 def assert_sharded_step_equals_single(config_module: str, config_fn: str, task_module: str, data_dir, workdir,
-                                      tolerance: float = 1e-5) -> str:
-    """`config_module.config_fn(data_dir)` builds the config; `reid_jax.train.<task_module>.Task` the task."""
+                                      rtol: float = 1e-3) -> str:
+    """`config_module.config_fn(data_dir)` builds the config; `reid_jax.train.<task_module>.Task` the task.
+
+    Losses agree to 1e-5 of their value; every parameter to `rtol` of the largest change the 3 single-device steps
+    made to any parameter (tests/numerics.py). The gradients' summation order differs between the two, and Adam
+    turns a gradient's rounding into an update difference of up to lr x rounding / eps for gradients near eps, so
+    the parameters agree less closely than the losses: ~1e-4 of the movement at lr 1e-4."""
     script = SCRIPT.format(root=str(ROOT), config_module=config_module, config_fn=config_fn,
-                           task_module=task_module, data_dir=str(data_dir), workdir=str(workdir),
-                           tolerance=tolerance)
+                           task_module=task_module, data_dir=str(data_dir), workdir=str(workdir), rtol=rtol)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]

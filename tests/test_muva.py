@@ -16,11 +16,17 @@ from reid_jax.data import transforms
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import muva as muva_lib
 from reid_jax.models.memory import update_hard
+from reid_jax import mesh as mesh_lib
 from reid_jax.train import loop
 from tests import configs, sharding
+from tests.numerics import assert_close, rel_err
 from tests.params import perturb
 
 CFG = clip_lib.CLIPConfig.tiny(image_size=(32, 16), stride=4).replace(vision={"num_extra_tokens": 3})
+# Tolerances relative to the largest value of each compared array (tests/numerics.py)
+NUMPY = 1e-5  # against float64 numpy: float32 rounding
+SAME_MATH = 1e-5  # the same computation arranged differently (the blocks run by hand): rounding only
+CHANGED = 1e-3  # an output that must change differs from the old one by more than this: far above rounding
 
 
 def tiny_config(data_dir, variant: str = "demo"):
@@ -100,13 +106,13 @@ def test_rmp_logits_accumulate_and_gate_every_block():
         step = model.rmp[i](x[:, 1:4], x[:, 4:])
         assert step.shape == (2, 3, L)
         acc = acc + step
-        np.testing.assert_allclose(logits[i], acc, rtol=1e-5, atol=1e-5)
+        assert_close(logits[i], acc, SAME_MATH, f"RMP logits after block {i}")
         x = block(x, muva_lib.am_msa_bias(jax.nn.sigmoid(acc) > 0.5))
     want = visual.project(x[:, :4]).reshape(2, -1)
-    np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-5)
+    assert_close(feats, want, SAME_MATH, "features")
     # given masks replace the RMP's: all-open masks differ from the predicted ones
     open_feats, none = model.encode(images, jnp.ones((2, 3, L), bool))
-    assert none is None and not np.allclose(open_feats, feats, atol=1e-4)
+    assert none is None and rel_err(open_feats, feats) > CHANGED
 
 
 def test_the_gate_passes_no_gradient_to_the_rmp():
@@ -141,18 +147,18 @@ def test_prototype_contrast_mask_bce_and_dice_match_numpy():
     labels = np.array([0, 1, 2, 3, 0, 1])
     want = _softmax_ce((f / np.linalg.norm(f, axis=1, keepdims=True)) @ mem.T / 0.01, labels)
     got = losses.prototype_contrast(jnp.asarray(f, jnp.float32), jnp.asarray(mem, jnp.float32), jnp.asarray(labels))
-    assert float(got) == pytest.approx(want, rel=1e-4)
+    assert_close(float(got), want, NUMPY, "prototype contrast")
 
     logits, target = rng.normal(size=(2, 3, 4, 5)), (rng.random((3, 4, 5)) < 0.4).astype(np.float64)
     p = 1 / (1 + np.exp(-logits))
     want = np.mean(-(target * np.log(p) + (1 - target) * np.log(1 - p)))
-    assert float(losses.mask_bce(jnp.asarray(logits, jnp.float32), jnp.asarray(target, jnp.float32))) == \
-        pytest.approx(want, rel=1e-5)
+    assert_close(float(losses.mask_bce(jnp.asarray(logits, jnp.float32), jnp.asarray(target, jnp.float32))), want,
+                 NUMPY, "mask BCE")
     probs = p[0]
     want = np.mean([1 - (2 * (a * b).sum() + 1) / (a.sum() + b.sum() + 1)
                     for a, b in zip(probs.reshape(-1, 5), target.reshape(-1, 5))])
-    assert float(losses.dice(jnp.asarray(probs, jnp.float32), jnp.asarray(target, jnp.float32))) == \
-        pytest.approx(want, rel=1e-5)
+    assert_close(float(losses.dice(jnp.asarray(probs, jnp.float32), jnp.asarray(target, jnp.float32))), want, NUMPY,
+                 "dice")
 
 
 def test_memory_takes_each_identitys_hardest_instance():
@@ -168,7 +174,7 @@ def test_memory_takes_each_identitys_hardest_instance():
         m = 0.2 * mem[c] + 0.8 * fn[hard]
         want[c] = m / np.linalg.norm(m)
     got = update_hard(jnp.asarray(mem, jnp.float32), jnp.asarray(feats, jnp.float32), jnp.asarray(labels), 0.2)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert_close(got, want, NUMPY, "memory")
     np.testing.assert_array_equal(np.asarray(got)[[2, 4]], np.asarray(mem, np.float32)[[2, 4]])  # absent: kept
 
 
@@ -191,22 +197,21 @@ def test_simulated_grounding_is_calibrated():
 
 
 # ------------------------------------------------------------------------------------------------ trainer
-def test_stage1_prompts_learn_and_are_cached(data_dir, tmp_path):
+def test_stage1_prompts_learn(data_dir, tmp_path):
     from reid_jax.train import muva
 
     c = tiny_config(data_dir)
     c.stage1.epochs = 40
     task = muva.Task(c, tmp_path)
     ts = task.init_state()
+    task.prepare(ts, mesh_lib.make_mesh(c.mesh))
     g = 1 + c.muva.num_parts
     assert ts.text_protos.shape == (task.num_classes, g * 24) and ts.memory.shape == (task.num_classes, g * 24)
-    np.testing.assert_allclose(np.linalg.norm(ts.memory[...], axis=1), 1.0, rtol=1e-5)
+    assert_close(np.linalg.norm(ts.memory[...], axis=1), np.ones(task.num_classes), NUMPY, "memory norms")
     protos = np.asarray(ts.text_protos[...])
     norm = protos / np.linalg.norm(protos, axis=1, keepdims=True)
     acc = np.mean(np.argmax(norm @ np.asarray(ts.memory[...]).T, axis=1) == np.arange(task.num_classes))
     assert acc > 0.5, acc  # each identity's prompts point at its own centroid (chance: 1 / C)
-    task._learn_prompts = None  # a second start reads the cache
-    np.testing.assert_array_equal(task.init_state().text_protos[...], protos)
 
 
 def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
@@ -216,6 +221,7 @@ def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
     c = tiny_config(data_dir)
     task = muva.Task(c, tmp_path)
     ts = task.init_state()
+    task.prepare(ts, mesh_lib.make_mesh(c.mesh))  # stage 1: the memory starts at the identity centroids
     graphdef, state = nnx.split(ts)
     before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(ts, nnx.Param))}
     batch = next(iter(task.train_stream(Shard())))
@@ -228,7 +234,7 @@ def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
     new, metrics = step(state, batch)
     parts = {k: float(v) for k, v in metrics.items() if k.startswith("loss_")}
     assert set(parts) == {"loss_id", "loss_proto", "loss_i2t", "loss_mask"}
-    np.testing.assert_allclose(float(metrics["loss"]), sum(parts.values()), rtol=1e-5)
+    assert_close(float(metrics["loss"]), sum(parts.values()), SAME_MATH, "loss = sum of its parts")
     after = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, new), nnx.Param)))
     moved = {".".join(map(str, k)) for k, v in before.items() if not np.array_equal(v, after[k][...])}
     assert not any(n.startswith("model.clip.text.") for n in moved)

@@ -3,7 +3,10 @@ logging, periodic evaluation with best-checkpoint keeping, and a stop on a non-f
 
 A method supplies a *task* object:
   task.steps_per_epoch, task.total_steps          ints
-  task.init_state() -> TrainState                 the model, optimizer and any per-example buffers
+  task.init_state() -> TrainState                 the model, optimizer and any buffers (at their initial values)
+  task.prepare(ts, mesh)                          optional: stages that run once before the first step and fill
+                                                  buffers (MUVA's stage 1, SCGI's caption prototypes); a fresh
+                                                  run saves step 0 after it, so a resumed run never repeats it
   task.train_stream(shard) -> grain.IterDataset   host batches
   task.train_step(ts, batch, rng) -> metrics      mutates `ts` (runs inside jit)
   task.evaluate(model, step, workdir, mesh) -> dict  {'eval/<dataset>/<metric>': value} (a `reid_jax.eval`
@@ -77,13 +80,17 @@ class TrainState(nnx.Module):
             setattr(self, name, Buffer(value))
 
     def trainable(self) -> Trainable:
-        """Differentiate a loss with respect to this (`ts.value_and_grad`), then `ts.optimizer.update(it, grads)`."""
+        """What `loss_fn` of `minimize` receives: the model and the heads."""
         return Trainable(self.model, self.heads)
 
-    def value_and_grad(self, loss_fn, has_aux: bool = False):
-        """nnx.value_and_grad of loss_fn(trainable) over the parameters that are not frozen."""
-        return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable_filter(self.frozen)),
-                                  has_aux=has_aux)
+    def minimize(self, loss_fn):
+        """One optimizer step on `loss_fn(trainable) -> (loss, aux)` over the parameters that are not frozen (no
+        gradient is computed for the frozen ones); returns (loss, aux)."""
+        params = self.trainable()
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable_filter(self.frozen)), has_aux=True)
+        out, grads = grad_fn(params)
+        self.optimizer.update(params, grads)
+        return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -210,6 +217,11 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         return nnx.state(ts), metrics
 
     saved = {start} if restored is not None else set()
+    if restored is None and hasattr(task, "prepare"):
+        print("preparing (stages before the first step)...", flush=True)
+        ts = nnx.merge(graphdef, state)
+        task.prepare(ts, mesh)
+        state = jax.device_put(nnx.state(ts), shardings)
 
     def settle():
         # one asynchronous save at a time across the run's checkpoint managers (the last step's best model and the
@@ -222,6 +234,9 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
             settle()
             ckpt.save(step, state, iterator.get_state(), meta)
             saved.add(step)
+
+    if restored is None and hasattr(task, "prepare"):
+        save(0, state)  # what the stages computed survives a kill before the first checkpoint
 
     def evaluate(step, state, guard):
         results = task.evaluate(nnx.merge(graphdef, state).model, step, workdir, mesh)

@@ -1,6 +1,7 @@
 """MUVA (Li, Gong, Zhang): domain-generalised image ReID with multi-grained prompts and AM-MSA (docs/muva.md).
 
-Before training (stage 1, once, cached in WORKDIR/muva_stage1.npz):
+Before training (stage 1: `Task.prepare`, which the loop runs once before the first step of a fresh run and
+checkpoints as step 0):
   1. every training image through the initial image encoder with the pseudo masks of its part boxes -> per-
      identity centroids of the normalised features [C, G E] (G = 1 + R granularities: person, head, upper body,
      legs);
@@ -18,8 +19,6 @@ Stage 2 (the training loop), on P x K batches with flipped / cropped images and 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import jax
@@ -35,11 +34,9 @@ from reid_jax.captioning import simulate
 from reid_jax.data import pipeline, sources, specs
 from reid_jax.data.index import relabel
 from reid_jax.models import muva as muva_lib
-from reid_jax.models import posemb
 from reid_jax.models import prompts
 from reid_jax.models.heads import BNNeck
 from reid_jax.models.memory import update_hard
-from reid_jax import mesh as mesh_lib
 from reid_jax.eval import image_reid
 from reid_jax.eval.encode import encode_stream, jitted
 from reid_jax.train import common, loop
@@ -74,26 +71,23 @@ class Task:
         self.num_classes = len(np.unique(self.index.pids))
         common.check_pk_batch(config)
         self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config, len(self.index))
-        mc = config.model
-        self.patch = mc.overrides.get("vision", {}).get("patch_size", 16)
-        grid = posemb.grid_size(tuple(mc.image_size), self.patch, mc.stride)
-        self.fixed_masks = (jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], grid)) if m.num_parts
-                            else None)
+        self.clip_config = None  # the built model's (patch grid, context length): set by `_model`
 
     # ------------------------------------------------------------------------------------------------ model
     def _model(self) -> muva_lib.MUVAModel:
         cfg = self.config
         vision = {**cfg.model.overrides.get("vision", {}), "num_extra_tokens": cfg.muva.num_parts}
         clip = weights.model_for(cfg.model, cfg.init_checkpoint, cfg.seed, vision=vision)
+        self.clip_config = clip.config  # the grid and context length come from the model, not the config
         return muva_lib.MUVAModel(clip, cfg.muva.rmp_heads, rngs=nnx.Rngs(cfg.seed + 1))
 
     def _pseudo_masks(self, boxes: jax.Array) -> jax.Array:
         """Part boxes [B, 3, 4] -> the masks the model is trained towards, bool [B, R, L]."""
-        if self.config.muva.mask_mode == "fixed":
-            return jnp.broadcast_to(self.fixed_masks, (boxes.shape[0], *self.fixed_masks.shape))
-        mc = self.config.model
-        return muva_lib.boxes_to_masks(boxes[:, : self.config.muva.num_parts], tuple(mc.image_size), self.patch,
-                                       mc.stride)
+        m, v = self.config.muva, self.clip_config.vision
+        if m.mask_mode == "fixed":
+            fixed = jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], v.grid))
+            return jnp.broadcast_to(fixed, (boxes.shape[0], *fixed.shape))
+        return muva_lib.boxes_to_masks(boxes[:, : m.num_parts], tuple(v.image_size), v.patch_size, v.stride)
 
     def _given_masks(self, boxes: jax.Array) -> jax.Array | None:
         """Masks fed to the model instead of the RMP's: fixed bands in the 'fixed' ablation, else none."""
@@ -104,34 +98,20 @@ class Task:
     def init_state(self) -> loop.TrainState:
         cfg = self.config
         model = self._model()
-        stage1 = self._stage1(model)
         dim = (1 + cfg.muva.num_parts) * model.clip.config.embed_dim
         heads = MUVAHeads(dim, self.num_classes, rngs=nnx.Rngs(cfg.seed + 2))
-        buffers = {"text_protos": jnp.asarray(stage1["text_protos"]), "memory": jnp.asarray(stage1["centroids"])}
-        return loop.TrainState(model, self.tx, buffers, heads, frozen=cfg.optim.frozen)
+        zeros = jnp.zeros((self.num_classes, dim), jnp.float32)  # filled by `prepare` (stage 1)
+        return loop.TrainState(model, self.tx, {"text_protos": zeros, "memory": zeros}, heads, frozen=cfg.optim.frozen)
 
     # ---------------------------------------------------------------------------------------------- stage 1
-    def _stage1(self, model: muva_lib.MUVAModel) -> dict[str, np.ndarray]:
-        """Centroids and prompt-learned text prototypes, from the cache when it matches this config."""
-        cfg = self.config
-        key = json.dumps({"model": cfg.model.to_dict(), "train": str(cfg.data.train), "muva": cfg.muva.to_dict(),
-                          "stage1": cfg.stage1.to_dict(), "seed": cfg.seed, "init": cfg.init_checkpoint},
-                         sort_keys=True, default=str)
-        path = self.workdir / "muva_stage1.npz"
-        if path.exists():
-            cached = np.load(path)
-            if str(cached["key"]) == key:
-                return {k: cached[k] for k in ("centroids", "text_protos")}
-            logging.warning("%s was made for another config: recomputing stage 1", path)
-        centroids = self._centroids(model)
-        text_protos = self._learn_prompts(model.clip, centroids)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, key=key, centroids=centroids, text_protos=text_protos)
-        os.replace(tmp, path)
-        return {"centroids": centroids, "text_protos": text_protos}
+    def prepare(self, ts: loop.TrainState, mesh) -> None:
+        """Stage 1, before the first step: the identity centroids start the memory, the prompts learned against
+        them give the frozen text prototypes."""
+        centroids = self._centroids(ts.model, mesh)
+        ts.memory[...] = jnp.asarray(centroids)
+        ts.text_protos[...] = jnp.asarray(self._learn_prompts(ts.model.clip, centroids))
 
-    def _centroids(self, model: muva_lib.MUVAModel) -> np.ndarray:
+    def _centroids(self, model: muva_lib.MUVAModel, mesh) -> np.ndarray:
         """[C, G E]: per training identity, the normalised mean of its images' normalised features, each image
         encoded with the pseudo masks of its (stored) part boxes."""
         cfg = self.config
@@ -144,14 +124,13 @@ class Task:
         shard = pipeline.Shard.from_jax()
         stream = pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
                                       shard=shard)
-        out = encode_stream(stream, "image", jitted(model, encode), mesh_lib.make_mesh(cfg.mesh),
-                            desc="identity centroids")
+        out = encode_stream(stream, "image", jitted(model, encode), mesh, desc="identity centroids")
         means = common.class_means(out["feats"], relabel(self.index.pids)[0], self.num_classes)
         return np.asarray(losses.l2_normalize(jnp.asarray(means)))
 
     def _prompt_specs(self) -> list[tuple[np.ndarray, np.ndarray]]:
         s1 = self.config.stage1
-        length = self.config.model.overrides.get("text", {}).get("context_length", 77)
+        length = self.clip_config.text.context_length
         return [prompts.prompt_ids(s1.template.format(g), s1.num_context, length)
                 for g in GRANULARITIES[: 1 + self.config.muva.num_parts]]
 
@@ -217,9 +196,7 @@ class Task:
                                                   + losses.dice(jax.nn.sigmoid(logits[-1]), target))
             return sum(parts.values()), (parts, bn)
 
-        params = ts.trainable()
-        (loss, (parts, bn)), grads = ts.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.optimizer.update(params, grads)
+        loss, (parts, bn) = ts.minimize(loss_fn)
         ts.memory[...] = update_hard(ts.memory[...], jax.lax.stop_gradient(bn), pid, cfg.muva.memory_momentum)
         return {"loss": loss} | {f"loss_{k}": v for k, v in parts.items()}
 

@@ -30,7 +30,6 @@ from reid_jax.models import prompts
 from reid_jax.models.cff import CFF
 from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BNNeck
-from reid_jax import mesh as mesh_lib
 from reid_jax.eval import image_reid
 from reid_jax.eval.encode import encode_stream, jitted
 from reid_jax.train import common, loop
@@ -73,11 +72,19 @@ class Task:
         model = CLIPReID(clip, self.num_cameras, cfg.model.sie_coe, rngs=nnx.Rngs(cfg.seed + 1))
         heads = SCGIHeads(model, self.num_classes, cfg, rngs=nnx.Rngs(cfg.seed + 2))
         buffers = {}
-        if cfg.loss.i2t_weight and cfg.loss.i2t_mode == "prototypes":
-            buffers["text_protos"] = self._text_prototypes(model.clip)
+        if self._uses_prototypes():  # filled by `prepare`
+            buffers["text_protos"] = jnp.zeros((self.num_classes, clip.config.embed_dim), jnp.float32)
         return loop.TrainState(model, self.tx, buffers, heads, frozen=cfg.optim.frozen)
 
-    def _text_prototypes(self, clip) -> jax.Array:
+    def _uses_prototypes(self) -> bool:
+        return bool(self.config.loss.i2t_weight) and self.config.loss.i2t_mode == "prototypes"
+
+    def prepare(self, ts: loop.TrainState, mesh) -> None:
+        """Before the first step: the per-identity caption prototypes of the frozen text tower."""
+        if self._uses_prototypes():
+            ts.text_protos[...] = self._text_prototypes(ts.model.clip, mesh)
+
+    def _text_prototypes(self, clip, mesh) -> jax.Array:
         """[C, E]: per training identity, the mean text feature of its images' captions (frozen text tower)."""
         cfg = self.config
         captions = data.load_source(cfg.data.train.name, cfg.data.train.split, self.data_dir,
@@ -85,8 +92,8 @@ class Task:
         shard = pipeline.Shard.from_jax()
         stream = pipeline.eval_captions(captions, self.index, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
                                         shard=shard)
-        out = encode_stream(stream, "text", jitted(clip, lambda m, b: m.text_features(b["text"])),
-                            mesh_lib.make_mesh(cfg.mesh), desc="caption prototypes")
+        out = encode_stream(stream, "text", jitted(clip, lambda m, b: m.text_features(b["text"])), mesh,
+                            desc="caption prototypes")
         labels = np.searchsorted(np.unique(self.index.pids), out["pid"])
         return jnp.asarray(common.class_means(out["feats"], labels, self.num_classes))
 
@@ -139,9 +146,7 @@ class Task:
                 parts["cff"] = lw.cff_weight * (lw.id_weight * id_fuse + lw.triplet_weight * tri_fuse)
             return sum(parts.values()), parts
 
-        params = ts.trainable()
-        (loss, parts), grads = ts.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.optimizer.update(params, grads)
+        loss, parts = ts.minimize(loss_fn)
         return {"loss": loss} | {f"loss_{k}": v for k, v in parts.items()}
 
     # ----------------------------------------------------------------------------------------- evaluation

@@ -95,9 +95,7 @@ class Task:
                 sims = nam.token_similarity(img_layers, txt_layers, model, cfg.nam.layer, prefix)
             return sum(parts.values()), (parts, sims)
 
-        params = ts.trainable()
-        (loss, (parts, sims)), grads = ts.value_and_grad(loss_fn, has_aux=True)(params)
-        ts.optimizer.update(params, grads)
+        loss, (parts, sims) = ts.minimize(loss_fn)
         if want_sims:
             ts.nam_sims[...] = ts.nam_sims[...].at[index].set(sims.astype(jnp.float16))
         real = nam.real_tokens(ids)
