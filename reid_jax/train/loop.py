@@ -29,13 +29,14 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
+from clu import parameter_overview
 from flax import nnx
 from tqdm import tqdm
 
 from reid_jax.data.pipeline import Shard, close_stream
 from reid_jax.errors import UserError, warn
+from reid_jax.files import write_text_atomically
 from reid_jax import mesh as mesh_lib
 from reid_jax.train import preemption
 from reid_jax.train.checkpoint import Checkpointer
@@ -185,6 +186,16 @@ def _warn_suspicious(config, task) -> None:
         warn(f"config.data.num_workers={config.data.num_workers} is more than this machine's {os.cpu_count()} CPUs")
 
 
+def _parameter_table(workdir: Path, model: nnx.Module) -> None:
+    """WORKDIR/parameters.txt: every parameter of the model with its shape, dtype and size (clu's table; mean and
+    std too when one process holds every array)."""
+    if jax.process_index() != 0:
+        return
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    table = parameter_overview.get_parameter_overview(params, include_stats=jax.process_count() == 1)
+    write_text_atomically(Path(workdir) / "parameters.txt", table + "\n")
+
+
 def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     """Trains `task` to config.train.epochs (resuming from workdir's newest readable checkpoint); returns the model.
 
@@ -205,6 +216,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         iterator.set_state(data_state)
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
     writer = MetricWriter(workdir, resume_step=start)
+    _parameter_table(workdir, nnx.merge(graphdef, state).model)
     meta = meta | {"best": _best_so_far(config, workdir, start), "resume": _resume_fields(config)}
     best_ckpt = {p.name: Checkpointer(p, keep=1) for p in sorted((workdir / "best").glob("*")) if p.is_dir()}
     for c in best_ckpt.values():
