@@ -82,8 +82,8 @@ def assert_sharded_step_equals_single(config_module: str, config_fn: str, task_m
     Losses agree to 1e-5 of their value; every parameter to `rtol` of the largest change the 3 single-device steps
     made to any parameter (tests/numerics.py). The gradients' summation order differs between the two, and Adam
     turns a gradient's rounding into an update difference of up to lr x rounding / eps for gradients near eps, so
-    the parameters agree less closely than the losses: 1e-4 to 2.4e-4 of the movement at lr 1e-4 (MUVA, TDE-NAM;
-    measured with XLA's default, AVX2 and SSE4.2 kernels)."""
+    the parameters agree less closely than the losses: 1e-4 to 2.4e-4 of the movement at lr 1e-4 (MUVA with XLA's
+    default, AVX2 and SSE4.2 kernels; TDE-NAM with the default and AVX2 ones)."""
     script = SCRIPT.format(root=str(ROOT), config_module=config_module, config_fn=config_fn,
                            task_module=task_module, data_dir=str(data_dir), workdir=str(workdir), rtol=rtol)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
