@@ -21,8 +21,9 @@ import pytest
 from data_builders.common import read_part_boxes
 from reid_jax.captioning import __main__ as cli
 from reid_jax.captioning import boxes as boxes_lib
-from reid_jax.captioning import bench, calibration, captioner, masks, mock_server, runner, store
+from reid_jax.captioning import bench, captioner, mock_server, runner, store
 from reid_jax.captioning import templates as T
+from reid_jax.data.box_calibration import CalibrationConfig, calibrate
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 24
@@ -330,7 +331,7 @@ def test_formats_round_trip(fmt, rendered):
 # ------------------------------------------------------------------------------------------------ calibration
 GOOD = [np.array([.35, .02, .65, .17], np.float32), np.array([.2, .17, .85, .52], np.float32),
         np.array([.3, .5, .75, .92], np.float32)]
-CAL = calibration.CalibrationConfig()
+CAL = CalibrationConfig()
 BANDS = [[0, 0, 1, .2], [0, .2, 1, .55], [0, .55, 1, 1]]
 
 
@@ -339,7 +340,7 @@ BANDS = [[0, 0, 1, .2], [0, .2, 1, .55], [0, .55, 1, 1]]
     ("legs full height, trimmed", GOOD[:2] + [np.array([.3, .02, .75, .99])], CAL,
      GOOD[:2] + [[.3, .52, .75, .99]], ["ok", "ok", "trimmed"], "legs: 0.97 of the image height"),
     ("legs full height, no trim", GOOD[:2] + [np.array([.3, .02, .75, .99])],
-     calibration.CalibrationConfig(trim_legs=False), GOOD[:2] + [BANDS[2]], ["ok", "ok", "fallback"], "whole person"),
+     CalibrationConfig(trim_legs=False), GOOD[:2] + [BANDS[2]], ["ok", "ok", "fallback"], "whole person"),
     ("legs tiny", GOOD[:2] + [np.array([.3, .5, .75, .52])], CAL, GOOD[:2] + [BANDS[2]],
      ["ok", "ok", "fallback"], "legs: tiny"),
     ("head under the legs", [np.array([.3, .93, .6, .99])] + GOOD[1:], CAL, [BANDS[0]] + GOOD[1:],
@@ -349,7 +350,7 @@ BANDS = [[0, 0, 1, .2], [0, .2, 1, .55], [0, .55, 1, 1]]
     ("nothing", [None] * 3, CAL, BANDS, ["fallback"] * 3, "head: no box"),
 ])
 def test_calibration(case, boxes, cfg, want_boxes, want_status, issue):
-    got, status, issues = calibration.calibrate(boxes, cfg)
+    got, status, issues = calibrate(boxes, cfg)
     np.testing.assert_allclose(got, np.asarray(want_boxes, np.float32), atol=1e-6, err_msg=case)
     assert status == want_status
     assert (not issues) if issue is None else any(issue in i for i in issues), issues
@@ -391,55 +392,6 @@ def test_ground_end_to_end(rendered, server, tmp_path, capsys):
     for rec in _lines(joint):
         assert rec["status"] == ["ok"] * 3
         np.testing.assert_allclose(rec["boxes"], gt[rec["image"]], atol=5e-5 + 1e-7)
-
-
-# ------------------------------------------------------------------------------------------------ masks
-def _reference_masks(boxes, image_size, patch, stride, rule, min_overlap, sub=4):
-    """Loops: centre test per patch; overlap by counting cells of a `sub`-times finer raster of the box."""
-    h, w = image_size
-    rows, cols = (h - patch) // stride + 1, (w - patch) // stride + 1
-    out = np.zeros((len(boxes), rows, cols), bool)
-    for r, (x0, y0, x1, y1) in enumerate(boxes):
-        if x0 < 0:
-            continue
-        raster = np.zeros((h * sub, w * sub), bool)
-        raster[int(round(y0 * h * sub)):int(round(y1 * h * sub)), int(round(x0 * w * sub)):int(round(x1 * w * sub))] = 1
-        for i in range(rows):
-            for j in range(cols):
-                if rule == "centre":
-                    cx, cy = j * stride + patch / 2, i * stride + patch / 2
-                    out[r, i, j] = x0 * w <= cx < x1 * w and y0 * h <= cy < y1 * h
-                else:
-                    cells = raster[i * stride * sub:(i * stride + patch) * sub,
-                                   j * stride * sub:(j * stride + patch) * sub].sum()
-                    out[r, i, j] = cells >= min_overlap * (patch * sub) ** 2
-    return out
-
-
-@pytest.mark.parametrize("image_size,stride,grid", [((256, 128), 16, (16, 8)), ((384, 128), 16, (24, 8)),
-                                                    ((256, 128), 12, (21, 10))])
-@pytest.mark.parametrize("rule", ["centre", "overlap"])
-def test_masks_against_loop_reference(image_size, stride, grid, rule, rendered):
-    h, w = image_size
-    rng = np.random.default_rng(0)
-    # random boxes on a quarter-pixel lattice (so the raster reference is exact), the synthetic truth, edge cases
-    q = rng.integers(0, 4 * np.array([w, h, w, h]), size=(40, 4)) / (4 * np.array([w, h, w, h]))
-    rand = np.concatenate([np.minimum(q[:, :2], q[:, 2:]), np.maximum(q[:, :2], q[:, 2:])], 1)
-    truth = np.concatenate([t.boxes for t in rendered[1].values()])
-    edges = np.array([[0, 0, 1, 1], [-1, -1, -1, -1], [0, 0, 16 / w, 16 / h], [12 / w, 12 / h, 28 / w, 28 / h],
-                      [0.5, 0.5, 0.5, 0.5]])
-    boxes = np.concatenate([rand, truth, edges]).astype(np.float64)
-    got = masks.boxes_to_masks(boxes.reshape(-1, 1, 4), image_size, 16, stride, rule, 0.5)
-    assert got.shape == (len(boxes), 1, *grid) and got.dtype == bool
-    want = _reference_masks(boxes, image_size, 16, stride, rule, 0.5)
-    np.testing.assert_array_equal(got[:, 0], want)
-    assert got[-5].all() and not got[-4].any() and not got[-1].any()
-
-
-def test_band_masks_tile_the_grid_under_the_centre_rule():
-    for size, stride in [((256, 128), 16), ((384, 128), 16), ((256, 128), 12)]:
-        m = masks.boxes_to_masks(np.asarray(BANDS, np.float32), size, 16, stride)
-        np.testing.assert_array_equal(m.sum(0), 1)  # every patch in exactly one part
 
 
 # ------------------------------------------------------------------------------------------------ backends

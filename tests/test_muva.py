@@ -1,5 +1,5 @@
 """MUVA: the AM-MSA mask token by token, RMP shapes and accumulation, the gate passing no gradient, box -> mask
-against the captioning module's numpy rule, flip consistency, each loss and the memory update against numpy,
+against a patch-by-patch reference, flip consistency, each loss and the memory update against numpy,
 simulated grounding, stage 1, and the sharded step equal to the single-device step."""
 
 import json
@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reid_jax import losses
-from reid_jax.captioning import calibration, masks as masks_np, simulate
-from reid_jax.data import transforms
+from reid_jax import data, losses
+from reid_jax.data import box_calibration, simulated_grounding, transforms
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import muva as muva_lib
 from reid_jax.models.memory import update_hard
@@ -62,18 +61,46 @@ def test_am_msa_bias_token_by_token():
                 assert bias[b, 0, i, j] == (0.0 if open_ else muva_lib.BLOCKED), (b, i, j)
 
 
+def _centre_rule(pixels: np.ndarray, image_size, patch: int, stride: int) -> np.ndarray:
+    """Boxes in pixels [N, 4] (x0 < 0 = absent) -> bool [N, rows * cols], one patch at a time: a patch is in a box
+    when its centre lies in [x0, x1) x [y0, y1)."""
+    h, w = image_size
+    rows, cols = (h - patch) // stride + 1, (w - patch) // stride + 1
+    out = np.zeros((len(pixels), rows, cols), bool)
+    for r, (x0, y0, x1, y1) in enumerate(pixels):
+        for i in range(rows):
+            for j in range(cols):
+                cx, cy = j * stride + patch / 2, i * stride + patch / 2
+                out[r, i, j] = x0 >= 0 and x0 <= cx < x1 and y0 <= cy < y1
+    return out.reshape(len(pixels), -1)
+
+
 @pytest.mark.parametrize("image_size,stride,grid", [((256, 128), 16, (16, 8)), ((384, 128), 16, (24, 8)),
                                                      ((256, 128), 12, (21, 10))])
-def test_boxes_to_masks_matches_the_captioning_rule(image_size, stride, grid):
-    rng = np.random.default_rng(1)
-    lo = rng.random((4, 3, 2)) * 0.6
-    boxes = np.concatenate([lo, lo + 0.05 + rng.random((4, 3, 2)) * 0.4], -1)[..., [0, 1, 2, 3]]
-    boxes[1, 2] = -1  # an absent part
-    got = np.asarray(muva_lib.boxes_to_masks(jnp.asarray(boxes, jnp.float32), image_size, 16, stride))
-    want = masks_np.boxes_to_masks(boxes.astype(np.float32), image_size, 16, stride).reshape(4, 3, -1)
-    assert got.shape == (4, 3, grid[0] * grid[1])
-    np.testing.assert_array_equal(got, want)
-    assert not got[1, 2].any() and got.any()
+def test_boxes_to_masks_against_a_patch_by_patch_reference(image_size, stride, grid, data_dir):
+    h, w = image_size
+    size = np.array([w, h, w, h])
+    rng = np.random.default_rng(0)
+    # boxes on a quarter-pixel lattice (exact in pixels: edges fall on patch centres), the synthetic set's part
+    # boxes, and edge cases: the whole image, absent, one patch, one patch off the grid's phase, empty
+    q = rng.integers(0, 4 * size, size=(40, 4)) / 4
+    lattice = np.concatenate([np.minimum(q[:, :2], q[:, 2:]), np.maximum(q[:, :2], q[:, 2:])], 1)
+    source = data.load_source("synthetic_pedestrians", "train", data_dir, "small", decode_image=False)
+    synthetic = np.concatenate([source[i]["part_boxes"] for i in range(0, len(source), 12)]) * size
+    edges = np.array([[0, 0, w, h], [-1, -1, -1, -1], [0, 0, 16, 16], [12, 12, 28, 28], [w / 2, h / 2, w / 2, h / 2]])
+    pixels = np.concatenate([lattice, synthetic, edges])
+    got = np.asarray(muva_lib.boxes_to_masks(jnp.asarray(pixels / size, jnp.float32)[:, None], image_size, 16,
+                                             stride))
+    assert got.shape == (len(pixels), 1, grid[0] * grid[1]) and got.dtype == bool
+    np.testing.assert_array_equal(got[:, 0], _centre_rule(pixels, image_size, 16, stride))
+    assert got[-5].all() and not got[-4].any() and not got[-1].any()
+
+
+def test_boxes_that_tile_the_image_give_masks_that_tile_the_grid():
+    bands = np.array([[[0, 0, 1, .2], [0, .2, 1, .55], [0, .55, 1, 1]]], np.float32)
+    for size, stride in [((256, 128), 16), ((384, 128), 16), ((256, 128), 12)]:
+        m = np.asarray(muva_lib.boxes_to_masks(jnp.asarray(bands), size, 16, stride))
+        np.testing.assert_array_equal(m.sum(1), 1)  # every patch in exactly one part
 
 
 def test_flipped_image_and_boxes_give_mirrored_masks():
@@ -181,18 +208,19 @@ def test_memory_takes_each_identitys_hardest_instance():
 # ---------------------------------------------------------------------------------------------- grounding
 def test_simulated_grounding_is_calibrated():
     exact = np.array([[0.35, 0.05, 0.6, 0.2], [0.3, 0.2, 0.7, 0.52], [0.33, 0.5, 0.66, 0.95]], np.float32)
-    quiet = simulate.GroundingNoise(jitter=0.0, whole_person=0.0, tiny=0.0, missing=0.0)
-    boxes, status = simulate.simulate(exact, np.random.default_rng(0), quiet)
+    quiet = simulated_grounding.GroundingNoise(jitter=0.0, whole_person=0.0, tiny=0.0, missing=0.0)
+    boxes, status = simulated_grounding.simulate(exact, np.random.default_rng(0), quiet)
     np.testing.assert_allclose(boxes, exact, atol=1e-6)
     assert status == ["ok"] * 3
-    whole = simulate.GroundingNoise(jitter=0.0, whole_person=1.0, tiny=0.0, missing=0.0)
-    boxes, status = simulate.simulate(exact, np.random.default_rng(0), whole)
-    assert status[2] == calibration.TRIMMED and boxes[2, 1] == pytest.approx(exact[1, 3])
-    tiny = simulate.GroundingNoise(jitter=0.0, whole_person=0.0, tiny=1.0, missing=0.0)
-    boxes, status = simulate.simulate(exact, np.random.default_rng(0), tiny)
-    assert status[2] == calibration.FALLBACK
-    np.testing.assert_allclose(boxes[2], calibration.band(2, calibration.CalibrationConfig()))
-    table, fallbacks = simulate.simulate_table(np.stack([exact] * 50), 0, simulate.GroundingNoise())
+    whole = simulated_grounding.GroundingNoise(jitter=0.0, whole_person=1.0, tiny=0.0, missing=0.0)
+    boxes, status = simulated_grounding.simulate(exact, np.random.default_rng(0), whole)
+    assert status[2] == box_calibration.TRIMMED and boxes[2, 1] == pytest.approx(exact[1, 3])
+    tiny = simulated_grounding.GroundingNoise(jitter=0.0, whole_person=0.0, tiny=1.0, missing=0.0)
+    boxes, status = simulated_grounding.simulate(exact, np.random.default_rng(0), tiny)
+    assert status[2] == box_calibration.FALLBACK
+    np.testing.assert_allclose(boxes[2], box_calibration.band(2, box_calibration.CalibrationConfig()))
+    noisy = simulated_grounding.GroundingNoise()
+    table, fallbacks = simulated_grounding.simulate_table(np.stack([exact] * 50), 0, noisy)
     assert table.shape == (50, 3, 4) and fallbacks.sum() > 0 and not np.allclose(table, exact)
 
 

@@ -7,9 +7,7 @@
   runner.py       the concurrent, resumable loop over a folder of images; progress and summary
   captioner.py    caption jobs (static / template), leak and empty checks
   boxes.py        box parsing (0-1000 integers, <box> tags, JSON, 0-1 floats, pixels)
-  calibration.py  wrong-box rules and the flagged fixed-band fallback
-  masks.py        boxes -> patch masks on any ViT grid (centre or overlap rule)
-  grounding.py    grounding jobs -> parts.jsonl
+  grounding.py    grounding jobs -> parts.jsonl, calibrated by reid_jax/data/box_calibration.py
   mock_server.py  a local OpenAI-compatible server answering from the synthetic pedestrians' ground truth
   bench.py        the captioner's own overhead per image
 

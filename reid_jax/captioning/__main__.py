@@ -21,10 +21,11 @@ from pathlib import Path
 
 from absl import logging
 
-from reid_jax.captioning import calibration, captioner, client, grounding, runner, store
+from reid_jax.captioning import captioner, client, grounding, runner, store
 from reid_jax.captioning import templates as templates_lib
 from reid_jax.captioning.boxes import SCALES
 from reid_jax.captioning.hf_backend import LocalConfig
+from reid_jax.data import box_calibration
 from reid_jax.errors import EXIT_USAGE, UserError, expand_path, report, warn
 
 
@@ -176,13 +177,13 @@ def cmd_caption(args) -> int:
 
 def cmd_ground(args) -> int:
     stats = runner.Stats()
-    calib = calibration.CalibrationConfig(tuple(zip(args.bands[::2], args.bands[1::2])), args.min_height,
+    calib = box_calibration.CalibrationConfig(tuple(zip(args.bands[::2], args.bands[1::2])), args.min_height,
                                           args.min_width, args.max_height, not args.no_trim_legs)
     calib.validate()
     runner.check_folder(args.images)
     names = tuple(n.strip() for n in args.part_names.split(","))
-    if len(names) != len(calibration.PARTS):
-        raise UsageError(f"--part-names needs {len(calibration.PARTS)} comma-separated names (head, upper body, "
+    if len(names) != len(box_calibration.PARTS):
+        raise UsageError(f"--part-names needs {len(box_calibration.PARTS)} comma-separated names (head, upper body, "
                          f"legs in that order); got {args.part_names!r}")
     cfg = grounding.GroundConfig(args.ask, args.part_prompt, args.joint_prompt, names, args.scale,
                                  args.content_retries, args.retry_temperature)
@@ -257,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_caption)
 
     g = sub.add_parser("ground", help="part boxes for every image", formatter_class=fmt)
-    gg, cal = grounding.GroundConfig(), calibration.CalibrationConfig()
+    gg, cal = grounding.GroundConfig(), box_calibration.CalibrationConfig()
     g.add_argument("--ask", choices=grounding.ASK, default=gg.ask, help="one question per part, or one for all")
     g.add_argument("--part-prompt", default=gg.part_prompt, help="question per part; {part} = its name")
     g.add_argument("--joint-prompt", default=gg.joint_prompt, help="question for all parts (--ask=joint)")

@@ -9,7 +9,7 @@ builder's file_name, which is how read_part_boxes matches boxes to examples.
 
 'part' asks one question per part (how Qwen-VL, CogVLM and InternVL ground best: one referring phrase each);
 'joint' asks once for all three as JSON. An answer with no readable box is asked again `content_retries` times,
-then that part falls back (calibration.py).
+then that part falls back (reid_jax/data/box_calibration.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 from PIL import Image
 
 from reid_jax.captioning import boxes as boxes_lib
-from reid_jax.captioning import calibration
 from reid_jax.captioning.client import MIME, Request, RequestError, RetryableError
 from reid_jax.captioning.runner import Outcome, Stats, read_image
+from reid_jax.data import box_calibration
 
 ASK = ("part", "joint")
 DIGITS = 6  # decimals kept in the written boxes
@@ -36,7 +36,7 @@ class GroundConfig:
     joint_prompt: str = ("Give the bounding boxes of the head, the upper body and the legs of the person in this "
                          'image, as JSON: {"head": [x0, y0, x1, y1], "upper body": [x0, y0, x1, y1], '
                          '"legs": [x0, y0, x1, y1]}.')
-    part_names: tuple[str, ...] = calibration.PARTS  # the words put into part_prompt's {part}
+    part_names: tuple[str, ...] = box_calibration.PARTS  # the words put into part_prompt's {part}
     scale: str = "auto"  # answer coordinates: see boxes.SCALES
     content_retries: int = 1  # extra asks when an answer holds no box for the part
     retry_temperature: float = 0.7
@@ -57,11 +57,11 @@ def _read_boxes(answers: dict[int, str], cfg: GroundConfig, size) -> dict[int, o
     return out
 
 
-def make_job(backend, root: Path, cfg: GroundConfig, calib: calibration.CalibrationConfig, stats: Stats):
+def make_job(backend, root: Path, cfg: GroundConfig, calib: box_calibration.CalibrationConfig, stats: Stats):
     """The runner's job: image keys -> Outcomes with parts.jsonl records."""
     if cfg.ask not in ASK:
         raise ValueError(f"--ask {cfg.ask!r}: expected one of {ASK}")
-    n_parts = len(calibration.PARTS)
+    n_parts = len(box_calibration.PARTS)
 
     def asks(key: str, image: bytes, parts: list[int], attempt: int) -> list[tuple[int | None, Request]]:
         mime = MIME.get(Path(key).suffix.lower(), "image/jpeg")
@@ -104,11 +104,11 @@ def make_job(backend, root: Path, cfg: GroundConfig, calib: calibration.Calibrat
     return job
 
 
-def _record(key: str, st: dict, calib: calibration.CalibrationConfig) -> dict:
-    n_parts = len(calibration.PARTS)
-    final, status, issues = calibration.calibrate([st["found"].get(p) for p in range(n_parts)], calib)
+def _record(key: str, st: dict, calib: box_calibration.CalibrationConfig) -> dict:
+    n_parts = len(box_calibration.PARTS)
+    final, status, issues = box_calibration.calibrate([st["found"].get(p) for p in range(n_parts)], calib)
     record = {"image": key, "boxes": [[round(float(v), DIGITS) for v in b] for b in final], "status": status,
-              "fallback": calibration.FALLBACK in status, "issues": issues}
+              "fallback": box_calibration.FALLBACK in status, "issues": issues}
     if issues:
         record["answers"] = st["answers"]
     return record

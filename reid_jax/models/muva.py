@@ -48,8 +48,10 @@ def am_msa_bias(mask: Array) -> Array:
 
 def boxes_to_masks(boxes: Array, image_size: tuple[int, int], patch_size: int, stride: int) -> Array:
     """Normalised part boxes float [B, R, 4] (x0, y0, x1, y1; x0 < 0 = absent) -> bool [B, R, L] patch masks,
-    row-major over the grid: a patch belongs to a box when its centre lies in it, half-open (the 'centre' rule of
-    `reid_jax.captioning.masks`, here in jnp so that it runs in the step on the augmented boxes)."""
+    row-major over the grid. Patch (i, j) belongs to a box when its centre (j*s + p/2, i*s + p/2) lies in it,
+    half-open [x0, x1) x [y0, y1): with a stride below the patch size patches overlap, and the centre still gives
+    each patch one answer, so boxes that tile the image give masks that tile the grid. In jnp: it runs in the
+    step, on the boxes as augmented with their image."""
     h, w = image_size
     rows, cols = posemb.grid_size(image_size, patch_size, stride)
     cy = (jnp.arange(rows) * stride + patch_size / 2) / h

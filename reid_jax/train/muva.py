@@ -30,8 +30,7 @@ from absl import logging
 from flax import nnx
 
 from reid_jax import errors, losses, weights
-from reid_jax.captioning import simulate
-from reid_jax.data import pipeline, sources, specs
+from reid_jax.data import pipeline, simulated_grounding, sources, specs
 from reid_jax.data.index import relabel
 from reid_jax.models import muva as muva_lib
 from reid_jax.models import prompts
@@ -63,8 +62,8 @@ class Task:
         if m.simulate_grounding:
             meta, _ = specs.training_set(config.data.train, self.data_dir, False, decode_image=False)
             boxes = np.stack([np.asarray(meta[i]["part_boxes"], np.float32) for i in range(len(meta))])
-            table, fallbacks = simulate.simulate_table(boxes, config.seed, simulate.GroundingNoise(
-                **m.grounding_noise.to_dict()))
+            noise = simulated_grounding.GroundingNoise(**m.grounding_noise.to_dict())
+            table, fallbacks = simulated_grounding.simulate_table(boxes, config.seed, noise)
             logging.warning("simulated grounding: %s of %d images fell back to fixed bands (head, upper, legs)",
                             fallbacks.tolist(), len(boxes))
             self.source = sources.PartBoxesSource(self.source, table)

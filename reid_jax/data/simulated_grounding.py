@@ -1,5 +1,6 @@
 """A stand-in for a grounding MLLM on the synthetic pedestrians, whose part boxes are exact: the boxes a real
-model would answer, then the same calibration the real answers get (`calibration.calibrate`).
+model would answer, then the same calibration the real answers get (`box_calibration.calibrate`). MUVA's training
+applies it to its training set (`config.muva.simulate_grounding`).
 
 Per image (deterministic in its seed): every box edge moves by N(0, jitter) of the box's size; with probability
 `whole_person` the legs box covers the whole person (the failure the MUVA paper shows), with `tiny` it shrinks to
@@ -12,7 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from reid_jax.captioning import calibration
+from reid_jax.data import box_calibration
+from reid_jax.data.box_calibration import CalibrationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,7 @@ class GroundingNoise:
 
 
 def simulate(boxes: np.ndarray, rng: np.random.Generator, noise: GroundingNoise,
-             cfg: calibration.CalibrationConfig = calibration.CalibrationConfig()) -> tuple[np.ndarray, list[str]]:
+             cfg: CalibrationConfig = CalibrationConfig()) -> tuple[np.ndarray, list[str]]:
     """Exact boxes float [3, 4] (normalised; x0 < 0 = absent) -> (calibrated noisy boxes [3, 4], status [3])."""
     boxes = np.asarray(boxes, np.float64)
     out: list[np.ndarray | None] = []
@@ -48,7 +50,7 @@ def simulate(boxes: np.ndarray, rng: np.random.Generator, noise: GroundingNoise,
     for b in out:  # keep boxes well-formed after the jitter
         if b is not None:
             b[[0, 2]], b[[1, 3]] = np.sort(b[[0, 2]]), np.sort(b[[1, 3]])
-    final, status, _ = calibration.calibrate(out, cfg)
+    final, status, _ = box_calibration.calibrate(out, cfg)
     return final, status
 
 
@@ -58,5 +60,5 @@ def simulate_table(boxes: np.ndarray, seed: int, noise: GroundingNoise) -> tuple
     fallbacks = np.zeros(3, np.int64)
     for i, b in enumerate(boxes):
         out[i], status = simulate(b, np.random.default_rng([seed, i]), noise)
-        fallbacks += np.asarray([s == calibration.FALLBACK for s in status])
+        fallbacks += np.asarray([s == box_calibration.FALLBACK for s in status])
     return out, fallbacks
