@@ -1,8 +1,7 @@
 """MUVA: the AM-MSA mask token by token, RMP shapes and accumulation, the gate passing no gradient, box -> mask
 against a patch-by-patch reference, flip consistency, each loss and the memory update against numpy,
-simulated grounding, stage 1, and the sharded step equal to the single-device step."""
-
-import json
+simulated grounding, stage 1, the sharded step equal to the single-device step, and the ablations' logged metrics
+recomputed from their final models."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,8 @@ from reid_jax.models import muva as muva_lib
 from reid_jax.models.memory import update_hard
 from reid_jax import mesh as mesh_lib
 from reid_jax.train import loop
-from tests import configs, sharding
+from reid_jax.train.writer import read_records
+from tests import configs, logged_metrics, sharding
 from tests.numerics import assert_close, rel_err
 from tests.params import perturb
 
@@ -280,9 +280,12 @@ def test_ablation_variants_train_and_evaluate_on_the_unseen_domain(data_dir, tmp
     from reid_jax.train import muva
 
     c = tiny_config(data_dir, variant)
-    loop.fit(c, tmp_path, muva.Task(c, tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if "eval/overcast/mAP" in r][-1]
-    assert all(0 <= last[f"eval/overcast/{k}"] <= 100 for k in ("R1", "R5", "R10", "mAP", "mINP"))
-    assert ("train/loss_mask" in records[0]) is False  # no RMP in either ablation
+    task = muva.Task(c, tmp_path)
+    model = loop.fit(c, tmp_path, task)
+    last = logged_metrics.assert_logged_metrics_are_the_final_models(
+        c, tmp_path, task, model, lambda m, b: m.image_features(b["image"], task._given_masks(b["part_boxes"])))
+    # random features score about 18 mAP on this small split (17.4 and 18.1: means of 50 draws; at most 29.7);
+    # measured 31.6 (baseline) and 39.4 (fixed bands) after the 5 steps
+    assert last["eval/overcast/mAP"] > 25
+    assert ("train/loss_mask" in read_records(tmp_path / "metrics.jsonl")[0]) is False  # no RMP in either ablation
     assert list(tmp_path.glob("retrieval_overcast_*.png"))

@@ -19,7 +19,8 @@ from reid_jax.models.clip_reid import CLIPReID
 from reid_jax.models.heads import BatchNorm1d
 from reid_jax import mesh as mesh_lib
 from reid_jax.train import loop
-from tests import configs, sharding
+from reid_jax.train.writer import read_records
+from tests import configs, logged_metrics, sharding
 from tests.numerics import assert_close, rel_err
 from tests.params import perturb
 
@@ -261,18 +262,18 @@ def test_sharded_step_equals_single_device_step(data_dir, tmp_path):
 
 
 def test_demo_recipe_runs_and_evaluates(data_dir, tmp_path):
-    """The demo's recipe (text tower trained along, i2t against the batch's captions) through loop.fit: metrics,
-    re-ranked metrics, the retrieval picture, the best checkpoint."""
+    """The demo's recipe (text tower trained along, i2t against the batch's captions) through loop.fit: metrics
+    and re-ranked metrics of the final model, the retrieval picture, the best checkpoint."""
     from reid_jax.train import scgi
 
     c = tiny_config(data_dir, "demo")
     c.eval.rerank.enabled = True
-    loop.fit(c, tmp_path, scgi.Task(c, tmp_path))
-    import json
-
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if "eval/synthetic/mAP" in r][-1]
-    for key in ("R1", "R5", "R10", "mAP", "mINP"):
-        assert 0 <= last[f"eval/synthetic/{key}"] <= 100 and f"eval/synthetic+rerank/{key}" in last
-    assert any("train/loss_cff" in r for r in records)
+    task = scgi.Task(c, tmp_path)
+    model = loop.fit(c, tmp_path, task)
+    last = logged_metrics.assert_logged_metrics_are_the_final_models(
+        c, tmp_path, task, model, lambda m, b: m.image_features(b["image"], b["camid"] if task.num_cameras else None))
+    # features that tell people apart: random ones score 7.0 mAP on this split (mean of 50 draws, at most 10.9);
+    # measured 19.2 after the 9 steps (the untrained model's 23.4: so few steps do not improve on it yet)
+    assert last["eval/synthetic/mAP"] > 12
+    assert any("train/loss_cff" in r for r in read_records(tmp_path / "metrics.jsonl"))
     assert list(tmp_path.glob("retrieval_synthetic_*.png")) and (tmp_path / "best" / "synthetic").exists()
