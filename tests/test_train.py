@@ -15,7 +15,7 @@ from flax import nnx
 from reid_jax.train import loop
 from tests import sharding
 from tests.cli_config import tiny_config
-from tests.params import TINY_MODEL
+from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,14 +129,18 @@ def test_two_processes_on_loopback_equal_one_process(data_dir, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     one, two = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
-    worst = max(float(np.abs(one[k] - two[k]).max()) for k in one.files)
-    assert len(one.files) == len(two.files) and worst < 1e-5, worst
+    assert sorted(one.files) == sorted(two.files)
+    for k in one.files:  # 1e-5 of the array's scale (at least 1: LayerNorm scales, projections near 0.1)
+        assert_close(two[k], one[k], 1e-5, k, scale=max(1.0, float(np.abs(one[k]).max())))
 
     def last_eval(workdir):
         lines = (workdir / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line) for line in lines if "eval/synthetic/R1" in line][-1]
 
-    assert last_eval(tmp_path / "single") == pytest.approx(last_eval(tmp_path / "multi"), abs=1e-6)
+    single_eval, multi_eval = last_eval(tmp_path / "single"), last_eval(tmp_path / "multi")
+    assert single_eval.keys() == multi_eval.keys()
+    for k in single_eval:  # percentages: 1e-6 of 100 (float32 spacing near 100 is 7.6e-6 of a percent)
+        assert_close(multi_eval[k], single_eval[k], 1e-6, k, scale=100.0)
 
 
 def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):

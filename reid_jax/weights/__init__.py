@@ -10,3 +10,5 @@
 
 from reid_jax.weights.load import load_clip, model_for
 from reid_jax.weights.readers import CheckpointError
+
+__all__ = ["CheckpointError", "load_clip", "model_for"]
