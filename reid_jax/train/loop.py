@@ -229,11 +229,6 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         return nnx.state(ts), metrics
 
     saved = {start} if restored is not None else set()
-    if restored is None and hasattr(task, "prepare"):
-        print("preparing (stages before the first step)...", flush=True)
-        ts = nnx.merge(graphdef, state)
-        task.prepare(ts, mesh)
-        state = jax.device_put(nnx.state(ts), shardings)
 
     def settle():
         # one asynchronous save at a time across the run's checkpoint managers (the last step's best model and the
@@ -248,6 +243,10 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
             saved.add(step)
 
     if restored is None and hasattr(task, "prepare"):
+        print("preparing (stages before the first step)...", flush=True)
+        ts = nnx.merge(graphdef, state)
+        task.prepare(ts, mesh)
+        state = jax.device_put(nnx.state(ts), shardings)
         save(0, state)  # what the stages computed survives a kill before the first checkpoint
 
     def evaluate(step, state, guard):
@@ -331,7 +330,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
 def evaluate_only(config, workdir: Path, task) -> dict:
     """Evaluates the task's initial model (e.g. a converted CLIP checkpoint: the zero-shot baseline) at step 0."""
     mesh = mesh_lib.make_mesh(config.mesh)
-    return _evaluate_and_record(config, workdir, task, task.init_state().model, 0, mesh)
+    return _evaluate_and_record(workdir, task, task.init_state().model, 0, mesh)
 
 
 def evaluate_checkpoint(config, workdir: Path, task) -> dict:
@@ -344,10 +343,10 @@ def evaluate_checkpoint(config, workdir: Path, task) -> dict:
         raise UserError(f"--mode=eval: no checkpoint in {workdir / 'checkpoints'}; pass the --workdir of a "
                         f"training run, or score the initial model with --config.train.epochs=0")
     step, state, _, _ = restored
-    return _evaluate_and_record(config, workdir, task, nnx.merge(graphdef, state).model, step, mesh)
+    return _evaluate_and_record(workdir, task, nnx.merge(graphdef, state).model, step, mesh)
 
 
-def _evaluate_and_record(config, workdir: Path, task, model, step: int, mesh) -> dict:
+def _evaluate_and_record(workdir: Path, task, model, step: int, mesh) -> dict:
     writer = MetricWriter(Path(workdir))
     try:
         results = task.evaluate(model, step, Path(workdir), mesh)
