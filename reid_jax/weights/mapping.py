@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,18 @@ def _count_blocks(state: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def infer_arch(path: Path, state: dict[str, np.ndarray]) -> tuple[dict[str, Any], tuple[int, int]]:
-    """CLIPConfig fields from OpenAI-named shapes (heads = width / 64, OpenAI's rule) and the pretrained grid."""
+def infer_arch(path: Path, state: dict[str, np.ndarray], optional: Collection[str] = ()
+               ) -> tuple[dict[str, Any], tuple[int, int]]:
+    """CLIPConfig fields from OpenAI-named shapes (heads = width / 64, OpenAI's rule) and the pretrained grid,
+    assumed square. Keys in `optional` may be absent (a released model without a token table): the fields they
+    tell keep CLIPConfig's defaults."""
     if any(k.startswith("visual.layer1.") for k in state):
         raise CheckpointError(f"{path}: this is a ResNet CLIP (RN50/RN101/...); reid-jax needs a ViT CLIP "
                               f"such as ViT-B/16")
     needed = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
               "positional_embedding", "ln_final.weight", "visual.transformer.resblocks.0.mlp.c_fc.weight",
               "transformer.resblocks.0.mlp.c_fc.weight"]
-    absent = [k for k in needed if k not in state]
+    absent = [k for k in needed if k not in state and k not in optional]
     if absent:
         sample = ", ".join(sorted(state)[:6])
         raise CheckpointError(f"{path}: does not look like a CLIP ViT checkpoint: missing {absent}. Expected OpenAI/"
@@ -73,12 +77,13 @@ def infer_arch(path: Path, state: dict[str, np.ndarray]) -> tuple[dict[str, Any]
         "vision": {"width": vwidth, "layers": _count_blocks(state, "visual.transformer.resblocks."),
                    "heads": vwidth // 64, "patch_size": conv.shape[-1],
                    "mlp_dim": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]},
-        "text": {"vocab_size": state["token_embedding.weight"].shape[0],
-                 "context_length": state["positional_embedding"].shape[0], "width": twidth,
+        "text": {"context_length": state["positional_embedding"].shape[0], "width": twidth,
                  "layers": _count_blocks(state, "transformer.resblocks."), "heads": twidth // 64,
                  "mlp_dim": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]},
         "embed_dim": state["visual.proj"].shape[1],
     }
+    if "token_embedding.weight" in state:
+        arch["text"]["vocab_size"] = state["token_embedding.weight"].shape[0]
     return arch, (side, side)
 
 
@@ -151,8 +156,10 @@ def abstract_params(cfg: CLIPConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def map_params(source: Source, cfg: CLIPConfig, posemb_interpolation: str) -> dict[tuple, np.ndarray]:
-    """Model parameters (flat paths) from an OpenAI-named state, with the position grid resized for `cfg`."""
+def map_params(source: Source, cfg: CLIPConfig, posemb_interpolation: str, optional: Collection[str] = ()
+               ) -> dict[tuple, np.ndarray]:
+    """Model parameters (flat paths) from an OpenAI-named state, with the position grid resized for `cfg`. Keys in
+    `optional` may be absent: those parameters are left out (`with_params` initialises them)."""
     missing, misshaped, out = [], [], {}
     used = set()
     for path, spec in abstract_params(cfg).items():
@@ -160,7 +167,8 @@ def map_params(source: Source, cfg: CLIPConfig, posemb_interpolation: str) -> di
             continue
         name = openai_name(path)
         if name not in source.state:
-            missing.append(name)
+            if name not in optional:
+                missing.append(name)
             continue
         used.add(name)
         value = from_torch_layout(path, source.state[name])
