@@ -35,7 +35,8 @@ class CLIPReID(nnx.Module):
         offset = None
         if self.use_cameras:
             if camids is None:
-                raise ValueError("this model has a camera embedding (SIE): pass the images' zero-based camera ids")
+                raise ValueError(f"this model has a camera embedding (SIE, {self.cam_embed.shape[0]} cameras): pass "
+                                 f"the images' zero-based camera ids (camids int [B])")
             offset = self.sie_coe * self.cam_embed[...][camids]
         tokens, layers = visual(images, return_layers=True, cls_offset=offset)
         cls = visual.ln_post(tokens[:, 0])
