@@ -25,9 +25,9 @@ from pathlib import Path
 from reid_jax.errors import UserError, expand_path, report, warn
 from reid_jax.models import posemb as posemb_lib
 from reid_jax.models.clip import CLIPConfig
-from reid_jax.weights import converted
+from reid_jax.weights import converted, released
 from reid_jax.weights.converted import FORMAT, PARAMS_DIR
-from reid_jax.weights.mapping import Source, describe, model_config, read_source
+from reid_jax.weights.mapping import Source, describe, model_config, read_source, source_of
 from reid_jax.weights.readers import CONFIG_FILE, CheckpointError
 
 
@@ -203,12 +203,25 @@ def _parse_hw(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--image-size expects H,W such as 384,128; got {text!r}") from None
 
 
+def _read(src: Path, args, overrides: dict) -> tuple[Source, tuple[int, int], int]:
+    """(SRC as a Source, the default input size and stride). An authors' released training checkpoint (IRRA,
+    MLLM4Text-ReID, CLIP-ReID, MUVA) is read into its method's CLIP first, and defaults to its training input."""
+    module, state = released.read(src) if src.is_file() else (None, None)
+    if module is None:
+        return read_source(src, state), (224, 224), 16
+    clip = module.clip(src, state, args.image_size, args.stride, overrides)
+    v = clip.config.vision
+    return source_of(clip, src, module.KIND), v.image_size, v.stride
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reid_jax.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="OpenAI .pt, open_clip .pt/.bin/.safetensors, or a Hugging Face CLIPModel folder")
     parser.add_argument("dst", help="output folder (orbax parameters + config.json)")
-    parser.add_argument("--image-size", type=_parse_hw, default=(224, 224), help="H,W of the ReID input")
-    parser.add_argument("--stride", type=int, default=16, help="patch stride (12 = CLIP-ReID's overlap)")
+    parser.add_argument("--image-size", type=_parse_hw, default=None,
+                        help="H,W of the ReID input (default 224,224; an authors' release: its training size)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="patch stride (default 16; 12 = CLIP-ReID's overlap; an authors' release: its own)")
     parser.add_argument("--posemb-interpolation", choices=posemb_lib.METHODS, default="bilinear")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
                         help="override the activation (LAION open_clip models use gelu; OpenAI's quick_gelu)")
@@ -220,9 +233,9 @@ def main(argv=None) -> int:
         if src is None:
             raise CheckpointError("SRC is empty; expected a CLIP checkpoint file or folder")
         with _staging(dst, args.overwrite) as tmp:  # DST is checked and claimed before the source is read
-            source = read_source(src)
             overrides = {"activation": args.activation} if args.activation else {}
-            cfg = model_config(source.arch, args.image_size, args.stride, overrides)
+            source, size, stride = _read(src, args, overrides)
+            cfg = model_config(source.arch, args.image_size or size, args.stride or stride, overrides)
             converted.write(tmp, source, cfg, args.posemb_interpolation)
             _publish(tmp, dst)
     except UserError as e:

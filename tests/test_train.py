@@ -145,9 +145,12 @@ def test_two_processes_on_loopback_equal_one_process(data_dir, tmp_path):
 
 def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):
     """config.init_checkpoint = a reid-jax workdir (or its best/<dataset>): the next stage (IRRA fine-tuning after
-    TDE pretraining, SCGI / MUVA from a TDE model) starts from its CLIP weights."""
+    TDE pretraining, SCGI / MUVA from a TDE model) starts from its CLIP weights; `Encoder.load` of the workdir,
+    its checkpoints/ or best/<dataset> gives the trained model's features."""
     from reid_jax import weights
     from reid_jax.train import tde_nam
+
+    from reid_jax.inference import Encoder
 
     config = tiny_config(data_dir, epochs=1)
     config.eval.every_epochs = 1
@@ -158,6 +161,14 @@ def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):
         nxt.seed = 5  # a fresh model would differ
         for a, b in zip(_params(trained), _params(weights.model_for(nxt.model, nxt.init_checkpoint, nxt.seed))):
             np.testing.assert_array_equal(a, b)
+    images = np.random.default_rng(0).normal(size=(2, *config.model.image_size, 3)).astype(np.float32)
+    ids = np.zeros((2, config.data.context_length), np.int32)
+    ids[:, :3] = [49406, 320, 49407]
+    for path in (tmp_path / "pre", tmp_path / "pre" / "checkpoints", tmp_path / "pre" / "best" / "synthetic"):
+        enc = Encoder.load(path)  # the run's config.json tells the method and input
+        assert (enc.kind, enc.image_size) == ("tde_nam", tuple(config.model.image_size))
+        np.testing.assert_array_equal(enc.image_features(images), np.asarray(trained.encode_image(images)))
+        np.testing.assert_array_equal(enc.text_features(ids), np.asarray(trained.encode_text(ids)))
     wider = tiny_config(data_dir)
     wider.init_checkpoint = str(tmp_path / "pre")
     wider.model.overrides.embed_dim = 32

@@ -186,6 +186,12 @@ def _warn_suspicious(config, task) -> None:
         warn(f"config.data.num_workers={config.data.num_workers} is more than this machine's {os.cpu_count()} CPUs")
 
 
+def _save_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """WORKDIR/config.json: the run's config, which `reid_jax.inference.Encoder` reads to rebuild its model."""
+    if jax.process_index() == 0:
+        write_text_atomically(Path(workdir) / "config.json", config.to_json(indent=1) + "\n")
+
+
 def _parameter_table(workdir: Path, model: nnx.Module) -> None:
     """WORKDIR/parameters.txt: every parameter of the model with its shape, dtype and size (clu's table; mean and
     std too when one process holds every array)."""
@@ -217,6 +223,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
     writer = MetricWriter(workdir, resume_step=start)
     _parameter_table(workdir, nnx.merge(graphdef, state).model)
+    _save_config(workdir, config)
     meta = meta | {"best": _best_so_far(config, workdir, start), "resume": _resume_fields(config)}
     best_ckpt = {p.name: Checkpointer(p, keep=1) for p in sorted((workdir / "best").glob("*")) if p.is_dir()}
     for c in best_ckpt.values():

@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from reid_jax import errors, losses, weights
+from reid_jax.weights import released
+from reid_jax.weights.released import irra as irra_release
 from reid_jax.data import pipeline, specs
 from reid_jax.eval import text_reid
 from reid_jax.models import clip as clip_lib
@@ -52,7 +54,16 @@ class Task:
         if self.config.loss.id_weight or self.config.loss.mlm_weight:
             heads = irra.IRRAHeads(model.config, len(np.unique(self.index.pids)), self.config.loss.mlm_depth,
                                    rngs=nnx.Rngs(self.config.seed + 1))
+            self._heads_from_release(heads)
         return loop.TrainState(model, self.tx, buffers, heads)
+
+    def _heads_from_release(self, heads: irra.IRRAHeads) -> None:
+        """An IRRA / MLLM4Text-ReID checkpoint as init_checkpoint starts the heads too (those it has that fit)."""
+        path = errors.expand_path(self.config.init_checkpoint)
+        if path is not None and path.is_file():
+            module, state = released.read(path)
+            if module is irra_release:
+                irra_release.load_heads(path, state, heads)
 
     def train_stream(self, shard):
         return pipeline.pairs_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard)

@@ -53,7 +53,7 @@ def load(path: Path, image_size, stride: int, posemb_interpolation: str, overrid
     the interpolation differs from the stored), with `overrides` (CLIPConfig fields)."""
     meta = json.loads((path / CONFIG_FILE).read_text())
     stored = CLIPConfig.from_dict(meta["model"])
-    cfg = mapping.model_config(_architecture(stored), image_size, stride, overrides)
+    cfg = mapping.model_config(mapping.architecture(stored), image_size, stride, overrides)
     if not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path}: {PARAMS_DIR}/ is missing: the conversion did not complete. Convert again "
                               f"with `python -m reid_jax.convert SRC {path} --overwrite`")
@@ -72,12 +72,3 @@ def load(path: Path, image_size, stride: int, posemb_interpolation: str, overrid
         params[mapping.POSEMB] = posemb_lib.resize_posemb(np.asarray(tree["source_posemb"]), cfg.vision.grid,
                                                           posemb_interpolation, tuple(meta["source"]["posemb_grid"]))
     return mapping.with_params(cfg, params)
-
-
-def _architecture(cfg: CLIPConfig) -> dict:
-    """The stored config's architecture fields: input size, stride, part tokens and compute settings are the
-    loader's to choose."""
-    d = cfg.to_dict()
-    for tower in ("vision", "text"):
-        d[tower] = {k: v for k, v in d[tower].items() if k not in ("image_size", "stride", "num_extra_tokens")}
-    return {k: v for k, v in d.items() if k not in ("dtype", "remat", "scan_layers", "attention")}

@@ -9,15 +9,17 @@ from flax import nnx
 
 from reid_jax.errors import expand_path
 from reid_jax.models.clip import CLIP, CLIPConfig
-from reid_jax.weights import converted, mapping, runs
+from reid_jax.weights import converted, mapping, released, runs
 
 
 def load_clip(source, image_size=(224, 224), stride=16, posemb_interpolation="bilinear", **overrides) -> CLIP:
     """The CLIP in `source`, for inputs of `image_size` (H, W) cut into patches every `stride` pixels.
 
     `source`: a `reid_jax.convert` output, a PyTorch CLIP checkpoint (OpenAI TorchScript or state dict, open_clip
-    .pt/.bin/.safetensors), a Hugging Face CLIPModel folder, or a reid-jax training run (its workdir, checkpoints/
-    or best/<dataset>/: see `runs.load` for what must be given then). The pretrained position grid is resized
+    .pt/.bin/.safetensors), a Hugging Face CLIPModel folder, a reid-jax training run (its workdir, checkpoints/
+    or best/<dataset>/: see `runs.load` for what must be given then), or an authors' released training checkpoint
+    (`weights.released`: IRRA / MLLM4Text-ReID, CLIP-ReID, MUVA), whose position grid is resized from the input
+    it was trained at. The pretrained position grid is resized
     with `posemb_interpolation`; `overrides` are further `CLIPConfig` fields (e.g. `dtype='bfloat16'`,
     `vision={'num_extra_tokens': 3}`).
     """
@@ -26,7 +28,10 @@ def load_clip(source, image_size=(224, 224), stride=16, posemb_interpolation="bi
         return converted.load(path, image_size, stride, posemb_interpolation, overrides)
     if path.exists() and (run := runs.checkpoints_dir(path)) is not None:
         return runs.load(run, image_size, stride, overrides)
-    checkpoint = mapping.read_source(path)
+    module, state = released.read(path) if path.is_file() else (None, None)
+    if module is not None:  # an authors' training checkpoint: its CLIP, position grid as trained
+        return module.clip(path, state, image_size, stride, overrides)
+    checkpoint = mapping.read_source(path, state)
     cfg = mapping.model_config(checkpoint.arch, image_size, stride, overrides)
     return mapping.with_params(cfg, mapping.map_params(checkpoint, cfg, posemb_interpolation))
 

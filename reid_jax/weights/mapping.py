@@ -38,10 +38,11 @@ class Source:
     posemb_grid: tuple[int, int]  # grid of the position embedding as pretrained
 
 
-def read_source(path) -> Source:
-    """Reads an OpenAI / open_clip / Hugging Face CLIP checkpoint into OpenAI's names, with its architecture."""
+def read_source(path, state: dict[str, np.ndarray] | None = None) -> Source:
+    """Reads an OpenAI / open_clip / Hugging Face CLIP checkpoint into OpenAI's names, with its architecture
+    (`state`: the file's contents, when already read with `readers.read_state_file`)."""
     path = Path(path)
-    kind, state, stated = readers.read(path)
+    kind, state, stated = readers.read(path, state)
     arch, grid = infer_arch(path, state)
     return Source(path, kind, state, merge_arch(arch, stated), grid)
 
@@ -104,6 +105,23 @@ def model_config(arch: dict, image_size, stride: int, overrides: dict) -> CLIPCo
         logging.warning("patch stride %d differs from the patch size %d: overlapping patches, grid %s",
                         cfg.vision.stride, cfg.vision.patch_size, cfg.vision.grid)
     return cfg
+
+
+def architecture(cfg: CLIPConfig) -> dict:
+    """A config's architecture fields: input size, stride, part tokens and compute settings are the loader's to
+    choose."""
+    d = cfg.to_dict()
+    for tower in ("vision", "text"):
+        d[tower] = {k: v for k, v in d[tower].items() if k not in ("image_size", "stride", "num_extra_tokens")}
+    return {k: v for k, v in d.items() if k not in ("dtype", "remat", "scan_layers", "attention")}
+
+
+def source_of(clip: CLIP, path: Path, kind: str) -> Source:
+    """A built CLIP as a `Source` (OpenAI's names and layouts, its own grid as the pretrained one): what
+    `reid_jax.convert` writes for a checkpoint that is read into a model first (an authors' release)."""
+    params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(clip, nnx.Param)))
+    state = {openai_name(p): to_torch_layout(p, np.asarray(v)) for p, v in params.items() if p not in NEW_PARAMS}
+    return Source(Path(path), kind, state, architecture(clip.config), clip.config.vision.grid)
 
 
 def describe(cfg: CLIPConfig) -> str:

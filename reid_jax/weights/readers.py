@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import zipfile
 from collections.abc import Callable, Collection
@@ -43,23 +44,25 @@ class Layout:
     to_openai: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # renames to OpenAI's keys
 
 
-def read(path: Path) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
+def read(path: Path, state: dict[str, np.ndarray] | None = None) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
     """(kind, OpenAI-named numpy state (floats as float32), CLIPConfig fields the files state) of a CLIP checkpoint
     file or Hugging Face folder; kind 'openai' covers open_clip too. Only an HF config states fields (heads,
-    activation, ln_epsilon): the rest is inferred from the shapes (`weights.mapping.infer_arch`)."""
+    activation, ln_epsilon): the rest is inferred from the shapes (`weights.mapping.infer_arch`). `state`: the file's
+    contents when the caller has read them already (`read_state_file`)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected a CLIP checkpoint (OpenAI .pt, open_clip "
                               f".pt/.bin/.safetensors, a Hugging Face CLIPModel folder, or a converted folder)")
     if not path.is_dir() and not path.is_file():  # a pipe or device: reading would block or never end
         raise CheckpointError(f"{path}: not a regular file or folder; expected a CLIP checkpoint saved to disk")
     try:
-        return _read_folder(path) if path.is_dir() else _read_file(path)
+        return _read_folder(path) if path.is_dir() else _read_file(path, state)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e}); check its permissions") from None
 
 
-def _read_file(path: Path) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
-    state = _strip_prefixes(_read_state_file(path))
+def _read_file(path: Path, state: dict[str, np.ndarray] | None = None
+               ) -> tuple[str, dict[str, np.ndarray], dict[str, Any]]:
+    state = _strip_prefixes(read_state_file(path) if state is None else state)
     layout = next(layout for layout in FILE_LAYOUTS if layout.matches(state.keys()))
     return layout.kind, layout.to_openai(state), {}
 
@@ -71,7 +74,7 @@ def _read_folder(path: Path) -> tuple[str, dict[str, np.ndarray], dict[str, Any]
                               f"`reid_jax.convert` output); none found")
     stated, state = _hf_arch(path, json.loads(config_file.read_text())), {}
     for f in _hf_weight_files(path):
-        state.update(_read_state_file(f))
+        state.update(read_state_file(f))
     return "hf", _hf_to_openai(_strip_prefixes(state)), stated
 
 
@@ -86,6 +89,11 @@ def _torch_load(path: Path) -> Any:
         if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
             return torch.jit.load(str(path), map_location="cpu").state_dict()  # OpenAI's TorchScript archive
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses arbitrary objects: loading them would run code
+        raise CheckpointError(
+            f"{path}: holds Python objects besides tensors, which are not loaded (unpickling them could run code: "
+            f"{str(e).splitlines()[0]}). If you trust the file, keep only its weights: python -c \"import torch; "
+            f"c = torch.load('{path}', weights_only=False); torch.save(c.get('model', c), 'weights.pth')\"") from e
     except Exception as e:
         raise CheckpointError(f"{path}: could not be read as a PyTorch checkpoint ({type(e).__name__}: {e}). "
                               f"The file is truncated or not a checkpoint: download it again.") from e
@@ -112,7 +120,9 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
                               f"safetensors checkpoint: download it again.") from e
 
 
-def _read_state_file(path: Path) -> dict[str, np.ndarray]:
+def read_state_file(path: Path) -> dict[str, np.ndarray]:
+    """{name: float32 or integer numpy array} of a .pt/.bin/.safetensors file, unwrapped from a training
+    checkpoint's 'state_dict' / 'model' / 'module' entry; key prefixes are kept."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; download it again")
     if path.suffix == ".safetensors":

@@ -63,3 +63,18 @@ def detect(state: dict[str, np.ndarray]) -> ModuleType | None:
         if m.matches(state.keys()):
             return m
     return None
+
+
+def strip_module(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state` without DataParallel's 'module.' prefix (on every key, or on none)."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def read(path: Path) -> tuple[ModuleType | None, dict[str, np.ndarray]]:
+    """(the module of the released file at `path` or None, the file's state dict with 'module.' stripped)."""
+    from reid_jax.weights import readers
+
+    state = strip_module(readers.read_state_file(Path(path)))
+    return detect(state), state
