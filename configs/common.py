@@ -68,9 +68,11 @@ def data(model_section: ml_collections.ConfigDict, train, batch_size: int, **ext
     return d
 
 
-# CLIP-ReID's input normalisation and erasing fill (MUVA and CLIP-SCGI build on its pipeline): mean/std 0.5,
-# erased rectangles filled with N(0, 1) pixels
-CLIP_REID_AUG = {"mean_std": "half", "erase_fill": "random"}
+# CLIP-ReID's input normalisation, resizing and erasing fill (MUVA and CLIP-SCGI build on its pipeline): mean/std
+# 0.5, bicubic resize for training and bilinear (torchvision's default) for testing, erased rectangles filled with
+# N(0, 1) pixels
+CLIP_REID_AUG = {"mean_std": "half", "train_interpolation": "bicubic", "test_interpolation": "bilinear",
+                 "erase_fill": "random"}
 
 
 def adam(*, lr: float, eps: float, weight_decay: float, schedule: str, warmup_epochs: float, param_groups: list,

@@ -2,7 +2,8 @@
 
 Variants:
   pretrain (default)  pretraining on LUPerson-MLLM, direct-transfer evaluation on CUHK-PEDES, ICFG-PEDES, RSTPReid
-  finetune   IRRA-style fine-tuning on one test set (`finetune` = CUHK-PEDES; `finetune_icfg`, `finetune_rstp`)
+  finetune   IRRA-style fine-tuning on one test set (`finetune` = CUHK-PEDES; `finetune_icfg`, `finetune_rstp`);
+             `finetune[_<set>]_irra` with IRRA's own parameter groups instead of one lr for all
   zeroshot   evaluation only of the converted CLIP checkpoint in config.init_checkpoint
   demo       synthetic_pedestrians, a small CLIP from scratch, minutes on a laptop CPU
   ablation_{nam,uniform,none}  the paper's masking ablation on synthetic captions with 30% wrong words
@@ -41,19 +42,31 @@ def base() -> ml_collections.ConfigDict:
         # IRRA's fine-tuning terms (0 = off): ID classifier on image and text features, cross-modal MLM head
         "id_weight": 0.0, "id_label_smoothing": 0.0, "mlm_weight": 0.0, "mlm_depth": 4, "mlm_p": 0.15,
         "itc_weight": 0.0,  # IRRA's optional CLIP contrastive term; the paper trains without it
-        "sdm_sees_mlm_mask": False})  # True reproduces the public IRRA code's aliasing (docs/tde_nam.md, 'Fine-tuning')
+        # SDM and ID see the MLM-masked caption when fine-tuning, as the public code that produced the fine-tuned
+        # numbers does (its masked ids alias the input); False = the paper's clean caption (docs/tde_nam.md, §6)
+        "sdm_sees_mlm_mask": True})
 
     c.optim = common.adam(
         lr=1e-5, eps=1e-3, weight_decay=4e-5, schedule="cosine", warmup_epochs=5.0,
-        # IRRA's parameter groups: biases at 2x lr without weight decay
-        param_groups=[{"pattern": r"\.bias$", "lr_mult": 2.0, "weight_decay": 0.0}])
+        param_groups=[],  # one lr and decay for every parameter, as the public code (IRRA_GROUPS: IRRA's own)
+        # the SDM scale is the fixed loss.logit_scale; CLIP's own never gets a gradient there, nor any decay
+        frozen=[r"^model\.logit_scale$"])
     c.train = common.train(30)
     c.eval = common.evaluation([common.dataset(n, "test") for n in TEST_SETS.values()], 1, "R1")
     c.mesh = common.mesh()
     return c
 
 
-def finetune(test_set: str) -> ml_collections.ConfigDict:
+# IRRA's own parameter groups (first match wins): the heads' classifier and MLM head at 5x lr (their biases without
+# decay), the cross-modal blocks at 5x except their biases (2x, like every other bias), no decay on biases
+IRRA_GROUPS = [
+    {"pattern": r"^heads\.(classifier|mlm_head)\..*bias$", "lr_mult": 5.0, "weight_decay": 0.0},
+    {"pattern": r"^heads\.(classifier|mlm_head)\.", "lr_mult": 5.0},
+    {"pattern": r"\.bias$", "lr_mult": 2.0, "weight_decay": 0.0},
+    {"pattern": r"^heads\.cross", "lr_mult": 5.0}]
+
+
+def finetune(test_set: str, irra_groups: bool = False) -> ml_collections.ConfigDict:
     """IRRA's recipe on one set, from the TDE+NAM pretrained model: config.init_checkpoint = the pretraining
     run's workdir (or its best/<dataset>), or a converted CLIP."""
     if test_set not in TEST_SETS:
@@ -66,13 +79,9 @@ def finetune(test_set: str) -> ml_collections.ConfigDict:
     c.train.epochs = 60
     c.nam.mode = "none"
     c.loss.update({"id_weight": 1.0, "mlm_weight": 1.0})
-    # IRRA's groups, first match wins: heads' classifier and MLM at 5x lr, cross-modal blocks at 5x except their
-    # biases (2x, like every other bias), no decay on biases
-    c.optim.param_groups = [
-        {"pattern": r"^heads\.(classifier|mlm_head)\..*bias$", "lr_mult": 5.0, "weight_decay": 0.0},
-        {"pattern": r"^heads\.(classifier|mlm_head)\.", "lr_mult": 5.0},
-        {"pattern": r"\.bias$", "lr_mult": 2.0, "weight_decay": 0.0},
-        {"pattern": r"^heads\.cross", "lr_mult": 5.0}]
+    # one lr for every parameter: the TDE authors fine-tune with the same optimizer builder as they pretrain with,
+    # whose group rules are commented out; `irra_groups` gives IRRA's own
+    c.optim.param_groups = IRRA_GROUPS if irra_groups else []
     c.eval.datasets = [common.dataset(name, "test")]
     return c
 
@@ -112,6 +121,8 @@ def ablation(mode: str) -> ml_collections.ConfigDict:
 
 VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             **{f"finetune_{k}": lambda k=k: finetune(k) for k in TEST_SETS},
+            "finetune_irra": lambda: finetune("cuhk", irra_groups=True),
+            **{f"finetune_{k}_irra": lambda k=k: finetune(k, irra_groups=True) for k in TEST_SETS},
             "zeroshot": zeroshot, "demo": demo,
             **{f"ablation_{m}": lambda m=m: ablation(m) for m in NAM_MODES}}
 

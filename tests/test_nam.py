@@ -70,8 +70,10 @@ def test_mask_tokens_statistics():
 def test_forced_first_word_when_none_chosen():
     ids = _ids(np.random.default_rng(2), n=4)
     out, labels = nam.mask_tokens(jnp.asarray(ids), jnp.zeros(ids.shape), jax.random.key(1))
-    labels = np.asarray(labels)
+    labels, out = np.asarray(labels), np.asarray(out)
     assert (labels[:, 1] == ids[:, 1]).all() and (labels[:, 2:] == 0).all()
+    # the forced word always becomes the mask token, never a random id or itself; nothing else changes
+    assert (out[:, 1] == tokenizer.MASK_ID).all() and (out[:, 2:] == ids[:, 2:]).all()
 
 
 def test_dissimilar_tokens_are_masked_more():

@@ -87,6 +87,35 @@ def test_pk_batches_have_p_identities_with_k_images(source, index):
             assert sorted({r["pid"] for r in source}).index(source[rec_id]["pid"]) == label
 
 
+def test_identity_walk_visits_every_image_once_per_epoch(source, index):
+    """The 'walk' sampler (CLIP-ReID's): per epoch each record at most once, identities with fewer than K images
+    drawn up to K, P distinct identities of K records per batch; the walk ends when fewer than P identities hold
+    a whole chunk of K, so the records left out are fewer than P chunks' worth plus each identity's remainder."""
+    cfg = _cfg(pk={"identities": 4, "instances": 2, "sampler": "walk"}, num_epochs=1)
+    batches = list(pipeline.pk_train(source, index, cfg, seed=0))
+    ids = np.concatenate([b["image_index"] for b in batches])
+    pids = np.array([r["pid"] for r in source])
+    for b in batches:
+        labels, counts = np.unique(b["pid"], return_counts=True)
+        assert len(labels) == 4 and (counts == 2).all()
+    uniq, seen = np.unique(ids, return_counts=True)
+    small = {p for p in np.unique(pids) if (pids == p).sum() < 2}
+    assert all(c == 1 or pids[u] in small for u, c in zip(uniq, seen))  # only topped-up identities repeat
+    sizes = {p: int((pids == p).sum()) for p in np.unique(pids)}
+    left_out = sum(n % 2 for n in sizes.values())  # each identity's last incomplete chunk
+    assert len(source) - left_out - len(ids) < 4 * 2  # plus fewer than P chunks when the walk stops
+    # the next epoch is another walk, and the stream resumes exactly mid-walk
+    endless = pipeline.pk_train(source, index, _cfg(pk=cfg.pk.to_dict()), seed=0)
+    it = iter(endless)
+    first = [next(it)["image_index"] for _ in range(len(batches) + 2)]
+    np.testing.assert_array_equal(np.concatenate(first[: len(batches)]), ids)
+    state = it.get_state()
+    expected = next(it)["image_index"]
+    resumed = iter(endless)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image_index"], expected)
+
+
 def test_pk_requires_enough_identities(source, index):
     with pytest.raises(ValueError, match="only 12 identities"):
         pipeline.pk_train(source, index, _cfg(pk={"identities": 20, "instances": 2}), seed=0)

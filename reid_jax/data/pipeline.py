@@ -76,6 +76,60 @@ def pk_batch(groups: Sequence[np.ndarray], p: int, k: int, rng: np.random.Genera
     return np.concatenate([rng.choice(groups[c], size=k, replace=len(groups[c]) < k) for c in chosen])
 
 
+def identity_walk(groups: Sequence[np.ndarray], p: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """One epoch of CLIP-ReID's identity sampler: [num_batches, P*K] record ids.
+
+    Each identity's records are shuffled and cut into chunks of K (an identity with fewer than K records is first
+    drawn up to K with replacement; a last incomplete chunk is dropped); then, while P identities still hold
+    chunks, P of them are drawn without replacement and each gives its next chunk. Every record appears at most
+    once per epoch, and all but the few left over at the end do.
+    """
+    chunks = []
+    for g in groups:
+        idx = rng.permutation(g if len(g) >= k else rng.choice(g, size=k, replace=True))
+        chunks.append(list(idx[: len(idx) // k * k].reshape(-1, k)))
+    available, batches = [c for c in range(len(groups)) if chunks[c]], []
+    while len(available) >= p:
+        chosen = rng.choice(available, size=p, replace=False)
+        batches.append(np.concatenate([chunks[c].pop(0) for c in chosen]))
+        available = [c for c in available if chunks[c]]
+    return np.stack(batches) if batches else np.zeros((0, p * k), np.int64)
+
+
+class _Walks:
+    """The batches of consecutive identity walks, epoch after epoch, by global batch number; each epoch's walk
+    depends only on (seed, epoch), so any batch is found again after a restart (exact resume)."""
+
+    def __init__(self, groups, p: int, k: int, seed: int):
+        self.groups, self.p, self.k, self.seed = groups, p, k, seed
+        self.starts, self.epochs = [0], []  # first batch number of each epoch computed so far; their walks
+
+    def __call__(self, b: int) -> np.ndarray:
+        while b >= self.starts[-1]:
+            epoch = len(self.epochs)
+            walk = identity_walk(self.groups, self.p, self.k, np.random.default_rng([self.seed, epoch]))
+            if not len(walk):
+                raise ValueError(f"config.data.pk: no batch of {self.p} identities x {self.k} images can be formed")
+            self.epochs.append(walk)
+            self.starts.append(self.starts[-1] + len(walk))
+        epoch = int(np.searchsorted(self.starts, b, side="right")) - 1
+        return self.epochs[epoch][b - self.starts[epoch]]
+
+    def length(self, num_epochs: int | None) -> int:
+        """Batches in `num_epochs` walks (None: endless)."""
+        if num_epochs is None:
+            return _ENDLESS
+        if num_epochs > 0:
+            self(0)
+            while len(self.epochs) < num_epochs:
+                self(self.starts[-1])
+        return self.starts[num_epochs] if num_epochs > 0 else 0
+
+
+_ENDLESS = 1 << 40  # batches of an endless walk stream (grain datasets have a length)
+SAMPLERS = ("walk", "random")
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def _example_rngs(seed: int, positions: np.ndarray) -> list[np.random.Generator]:
     """One generator per stream position: augmentation independent of batch slicing, hosts and workers."""
@@ -191,8 +245,10 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
 
 def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
              captions: bool = False) -> grain.IterDataset:
-    """Identity-balanced batches of P x K images; an epoch is len(records) // (P * K) batches. `captions`: add
-    one of each image's captions, drawn per visit (`text`, int32 [B, cfg.context_length])."""
+    """Identity-balanced batches of P x K images. `cfg.pk.sampler`: 'walk' = CLIP-ReID's sampler, every image
+    once per epoch (`identity_walk`; an epoch is then a little under len(records) // (P * K) batches), 'random' =
+    P random identities per batch, len(records) // (P * K) batches an epoch. `captions`: add one of each image's
+    captions, drawn per visit (`text`, int32 [B, cfg.context_length])."""
     records = np.arange(len(index))
     if captions and np.any(index.num_captions[records] == 0):
         missing = int(np.sum(index.num_captions[records] == 0))
@@ -206,8 +262,15 @@ def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed:
         raise ValueError(f"config.data.pk.identities={p} but the training set has only {len(groups)} identities")
     batch = p * k
     rows = shard.rows(batch)
-    ds = grain.MapDataset.range(max(1, len(records) // batch)).repeat(cfg.num_epochs)
-    ds = ds.random_map(lambda _, rng: pk_batch(groups, p, k, rng), seed=seed)
+    sampler = cfg.pk.get("sampler", "random")
+    if sampler == "walk":
+        walks = _Walks(groups, p, k, seed)
+        ds = grain.MapDataset.range(walks.length(cfg.num_epochs)).map(walks)
+    elif sampler == "random":
+        ds = grain.MapDataset.range(max(1, len(records) // batch)).repeat(cfg.num_epochs)
+        ds = ds.random_map(lambda _, rng: pk_batch(groups, p, k, rng), seed=seed)
+    else:
+        raise ValueError(f"config.data.pk.sampler must be one of {SAMPLERS}, got {sampler!r}")
     ds = ds.map_with_index(lambda b, ids: np.stack([b * batch + np.arange(batch), ids], axis=1)[rows])
     ds = ds.map(partial(_load_images, source, labels, cfg, seed, captions))
     return _to_iter(ds, cfg.num_workers)

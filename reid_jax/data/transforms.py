@@ -1,9 +1,10 @@
 """Image transforms of the papers' PyTorch pipelines, in numpy + PIL, with part boxes carried along.
 
-Training (IRRA / CLIP-ReID): resize (bicubic) -> horizontal flip p -> zero-pad `pad` + random crop back to size
+Training (IRRA / CLIP-ReID): resize (`train_interpolation`: bilinear for IRRA, bicubic for CLIP-ReID) -> flip p -> zero-pad `pad` + random crop back to size
 -> to [0, 1] -> normalise (CLIP or 0.5 mean/std) -> random erasing p (area fraction and aspect ratio ranges,
 filled with a constant). Part boxes (normalised x0, y0, x1, y1; -1 = absent) follow every geometric step, so
-image and part masks are always flipped and cropped together (MUVA). Evaluation: resize + normalise only.
+image and part masks are always flipped and cropped together (MUVA). Evaluation: resize (`test_interpolation`,
+bilinear for all three methods' code) + normalise only.
 
 Each function takes an explicit `np.random.Generator`, so a pipeline is deterministic given its seed no matter
 how many worker processes run it.
@@ -36,11 +37,17 @@ def check_rgb(image: np.ndarray) -> np.ndarray:
                     f"images as they were; rebuild it with `python -m reid_jax.data.build NAME ... --force`")
 
 
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [H, W, 3], bicubic as torchvision's Resize(interpolation=3) on PIL images."""
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # PIL's, as torchvision's Resize on PIL
+
+
+def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [H, W, 3], as torchvision's Resize(size, interpolation) on PIL images."""
     if image.shape[:2] == tuple(size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"config.data.aug interpolation must be one of {sorted(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), INTERPOLATIONS[interpolation]))
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +116,7 @@ def erase_value(cfg: ml_collections.ConfigDict, shape: tuple[int, ...], rng: np.
 def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [h, w, 3], boxes [R, 4] -> float32 [H, W, 3] normalised, boxes [R, 4]; `cfg` is config.data.aug."""
-    image = resize(check_rgb(image), tuple(cfg.image_size))
+    image = resize(check_rgb(image), tuple(cfg.image_size), cfg.train_interpolation)
     if rng.random() < cfg.flip_prob:
         image, boxes = hflip(image, boxes)
     image, boxes = pad_crop(image, boxes, cfg.pad, rng)
@@ -122,11 +129,13 @@ def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.Co
 
 def eval_transform(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 [h, w, 3] -> float32 [H, W, 3] resized and normalised."""
-    return normalize(resize(check_rgb(image), tuple(cfg.image_size)), cfg.mean_std)
+    return normalize(resize(check_rgb(image), tuple(cfg.image_size), cfg.test_interpolation), cfg.mean_std)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The text-to-image recipe (IRRA / TDE+NAM); method configs override fields."""
     return ml_collections.ConfigDict({
-        "image_size": (384, 128), "mean_std": "clip", "flip_prob": 0.5, "pad": 10,
+        "image_size": (384, 128), "mean_std": "clip",
+        "train_interpolation": "bilinear", "test_interpolation": "bilinear",  # torchvision's Resize default
+        "flip_prob": 0.5, "pad": 10,
         "erase_prob": 0.5, "erase_area": (0.02, 0.4), "erase_ratio": (0.3, 3.3), "erase_fill": "mean"})

@@ -8,7 +8,7 @@ Per training step (docs/tde_nam.md, 'Noise-aware masking (NAM)'):
      epoch, marked by UNSEEN in the table, masks uniformly): r = 1 - sim over real tokens, r' = clip(r - mean(r) +
      p, 0, 1), so the mean masking probability is p and dissimilar tokens are masked more.
   3. `mask_tokens`: each real token (0 < id < MASK_ID) is chosen with probability r'; a chosen token becomes
-     MASK_ID 80%, a random id 10%, itself 10% (BERT). If none is chosen, the first word is.
+     MASK_ID 80%, a random id 10%, itself 10% (BERT). If none is chosen, the first word becomes MASK_ID.
   4. The training loss (SDM) uses the EOT feature of the masked caption.
 `mode='uniform'` masks every real token with probability p (the paper's EM ablation); `'none'` masks nothing.
 """
@@ -66,12 +66,12 @@ def mask_tokens(ids: jax.Array, probs: jax.Array, rng: jax.Array, *, mask_prob: 
     k_choose, k_kind, k_rand = jax.random.split(rng, 3)
     real = real_tokens(ids)
     chosen = (jax.random.uniform(k_choose, ids.shape) < probs) & real
-    if ensure_one:  # "if none is chosen, the first word is"
-        first = jnp.argmax(real, axis=1)
-        force = ~chosen.any(axis=1) & real.any(axis=1)
-        chosen = chosen | (force[:, None] & (jnp.arange(ids.shape[1])[None] == first[:, None]))
     kind = jax.random.uniform(k_kind, ids.shape)
     random_ids = jax.random.randint(k_rand, ids.shape, 1, tokenizer.MASK_ID)  # IRRA: ids 1..49404
     out = jnp.where(chosen & (kind < mask_prob), tokenizer.MASK_ID, ids)
     out = jnp.where(chosen & (kind >= mask_prob) & (kind < mask_prob + random_prob), random_ids, out)
+    if ensure_one:  # none drawn: the first word becomes the mask token (not the 80 / 10 / 10 draw), as the code
+        first = jnp.argmax(real, axis=1)
+        force = (~chosen.any(axis=1) & real.any(axis=1))[:, None] & (jnp.arange(ids.shape[1])[None] == first[:, None])
+        out, chosen = jnp.where(force, tokenizer.MASK_ID, out), chosen | force
     return out, jnp.where(chosen, ids, 0)

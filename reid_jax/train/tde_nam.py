@@ -55,7 +55,7 @@ class Task:
             heads = irra.IRRAHeads(model.config, len(np.unique(self.index.pids)), self.config.loss.mlm_depth,
                                    rngs=nnx.Rngs(self.config.seed + 1))
             self._heads_from_release(heads)
-        return loop.TrainState(model, self.tx, buffers, heads)
+        return loop.TrainState(model, self.tx, buffers, heads, frozen=self.config.optim.frozen)
 
     def _heads_from_release(self, heads: irra.IRRAHeads) -> None:
         """An IRRA / MLLM4Text-ReID checkpoint as init_checkpoint starts the heads too (those it has that fit)."""
@@ -78,9 +78,9 @@ class Task:
                                          random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
         want_sims = cfg.nam.mode == "nam"
         use_mlm = bool(cfg.loss.mlm_weight)
-        if use_mlm:  # IRRA: an independent uniform 15% BERT masking of the caption for the MLM head
+        if use_mlm:  # IRRA: an independent uniform 15% BERT masking of the caption for the MLM head (at least one)
             mlm_ids, mlm_labels = nam.mask_tokens(ids, nam.masking_probs(ids, prev, cfg.loss.mlm_p, "uniform"),
-                                                  k_mlm, ensure_one=False)
+                                                  k_mlm)
             if cfg.loss.sdm_sees_mlm_mask:  # the public IRRA code's aliasing: SDM and ID see the MLM-masked ids
                 masked = mlm_ids
         prefix = 1 + ts.model.config.vision.num_extra_tokens
