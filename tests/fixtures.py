@@ -196,7 +196,8 @@ def rstp_reid(root: Path):
 
 # -------------------------------------------------------------------------------------------- LUPerson-MLLM
 LUPERSON_IMAGES = ["00/a.jpg", "00/b.jpg", "01/c.jpg", "01/d.jpg", "01/e.jpg", "z.jpg"]  # sorted: pid = index
-LUPERSON_NO_CAPTION = ["images/01/e.jpg", "images/z.jpg"]  # z.jpg's only caption leaks a placeholder
+LUPERSON_NO_CAPTION = ["images/01/e.jpg"]
+LUPERSON_LEAK = "A person wearing <upper clothing>."  # z.jpg's only caption: no static caption replaces it
 
 
 def luperson_mllm(root: Path):
@@ -204,9 +205,10 @@ def luperson_mllm(root: Path):
     (root / "captions").mkdir()
     files = {  # files are read in name order: gemini_template.json, ours.jsonl, qwen_static.json
         "qwen_static.json": {"00/a.jpg": CAPTIONS[0], "01/c.jpg": CAPTIONS[1], "images/00/b.jpg": CAPTIONS[3],
+                             "/their/machine/LUPerson-MLLM/d.jpg": CAPTIONS[5],  # matched by its unique name
                              "not/here.jpg": "an image that is not under images/ is ignored"},
         "gemini_template.json": {"00/a.jpg": CAPTIONS[2], "01/d.jpg": "A man in a [clothing description].",
-                                 "z.jpg": "A person wearing <upper clothing>."},
+                                 "z.jpg": LUPERSON_LEAK},
     }
     for name, content in files.items():
         (root / "captions" / name).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
@@ -220,7 +222,9 @@ def luperson_mllm(root: Path):
         "00/a.jpg": [(CAPTIONS[2], "gemini_template"), (CAPTIONS[6], "ours_static"), (CAPTIONS[0], "qwen_static")],
         "00/b.jpg": [(CAPTIONS[3], "qwen_static")],
         "01/c.jpg": [(CAPTIONS[1], "qwen_static")],
-        "01/d.jpg": [(CAPTIONS[4], "ours_template")],
+        # the leaked gemini caption is replaced by d's only static caption, in its place
+        "01/d.jpg": [(CAPTIONS[5], "gemini_template"), (CAPTIONS[4], "ours_template"), (CAPTIONS[5], "qwen_static")],
+        "z.jpg": [(LUPERSON_LEAK, "gemini_template")],  # kept: z has no static caption (as the authors' loader)
     }
     return {"train": {f"images/{rel}": Expect(pid=LUPERSON_IMAGES.index(rel), captions=[c for c, _ in caps],
                                               sources=[s for _, s in caps], colour=colours[rel])

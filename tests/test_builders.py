@@ -99,9 +99,34 @@ def test_luperson_skips_uncaptioned_images_and_counts_them(tmp_path, caplog):
     log = caplog.text
     for file_name in fixtures.LUPERSON_NO_CAPTION:
         assert f"no caption for {file_name}" in log
-    assert f"2 of {len(fixtures.LUPERSON_IMAGES)} images had no caption" in log
-    assert "gemini_template.json: dropped 2 captions with a template placeholder" in log
+    assert f"1 of {len(fixtures.LUPERSON_IMAGES)} images had no caption" in log
+    assert "gemini_template: 1 captions with a template placeholder replaced by a static caption" in log
+    assert "gemini_template: 1 captions with a template placeholder kept" in log
     assert "not/here.jpg" in log
+
+
+def test_luperson_reads_the_authors_release_as_it_is(tmp_path):
+    """Their layout: the images flat in LUPerson-MLLM/, the four caption files in caption/ keyed by paths of
+    their machine; pid = index of the image in sorted order, static captions (Ts-*) replace leaked ones."""
+    manual = tmp_path / "release"
+    names = ["0001.jpg", "0002.jpg", "0003.jpg"]
+    for n in names:
+        fixtures.image(manual, f"LUPerson-MLLM/{n}")
+    (manual / "caption").mkdir()
+    far = "/data0/someone/LUPerson_images/LUPerson-MLLM/"
+    files = {"Td-qwen.json": {far + "0001.jpg": "A man in a [clothing description].", far + "0002.jpg": "dyn 2"},
+             "Td-shikra.json": {far + "0001.jpg": "dyn shikra 1"},
+             "Ts-qwen.json": {far + "0001.jpg": "static qwen 1", far + "0003.jpg": "static qwen 3"},
+             "Ts-shikra.json": {far + "0002.jpg": "static shikra 2"}}
+    for name, content in files.items():
+        (manual / "caption" / name).write_text(json.dumps(content))
+    build("luperson_mllm", tmp_path / "data", manual)
+    got = {k: (int(e["pid"]), [_text(c) for c in e["captions"]], [_text(c) for c in e["caption_sources"]])
+           for k, e in _read("luperson_mllm", "train", tmp_path / "data").items()}
+    assert got == {"LUPerson-MLLM/0001.jpg": (0, ["static qwen 1", "dyn shikra 1", "static qwen 1"],
+                                              ["Td-qwen", "Td-shikra", "Ts-qwen"]),
+                   "LUPerson-MLLM/0002.jpg": (1, ["dyn 2", "static shikra 2"], ["Td-qwen", "Ts-shikra"]),
+                   "LUPerson-MLLM/0003.jpg": (2, ["static qwen 3"], ["Ts-qwen"])}
 
 
 def test_part_boxes_from_parts_jsonl(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from reid_jax.data import pipeline, specs
 from reid_jax.eval import metrics, pictures, rerank
@@ -36,8 +37,10 @@ def evaluate(config, data_dir: Path, encode, step: int, workdir: Path, mesh, che
         runs = [(spec.label, None)]
         rr = config.eval.get("rerank")
         if rr is not None and rr.enabled:
-            runs.append((spec.label + "+rerank",
-                         rerank.k_reciprocal(q["feats"], g["feats"], rr.k1, rr.k2, rr.lambda_value)))
+            qf, gf = q["feats"], g["feats"]
+            if rr.get("normalize", True):  # CLIP-ReID's and MUVA's evaluators re-rank L2-normalised features
+                qf, gf = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in (qf, gf))
+            runs.append((spec.label + "+rerank", rerank.k_reciprocal(qf, gf, rr.k1, rr.k2, rr.lambda_value)))
         for label, dist in runs:
             m = metrics.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"],
                                    distances=dist)
