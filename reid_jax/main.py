@@ -2,7 +2,8 @@
 
 Dispatches on `config.method`. `--mode=train` trains (resuming from DIR) and evaluates as configured; a config
 with `train.epochs = 0` only evaluates its initial model (the zero-shot baseline). `--mode=eval` evaluates the
-newest readable checkpoint in DIR. Overrides: `--config.data.batch_size=64`.
+newest readable checkpoint in DIR, or without one the model of `--config.init_checkpoint` (e.g. an authors'
+released checkpoint, as it is). Overrides: `--config.data.batch_size=64`.
 """
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def main(argv) -> int:
     workdir = errors.expand_path(_WORKDIR.value)
     if config is None:
         raise app.UsageError("--config=configs/<method>.py[:variant] is required")
-    if _MODE.value == "eval" and not workdir.is_dir():
+    if _MODE.value == "eval" and not workdir.is_dir() and not config.init_checkpoint:
         return errors.report(errors.UserError(f"--workdir={workdir}: no such folder; --mode=eval evaluates the "
-                                              f"checkpoints of a training run in it"))
+                                              f"checkpoints of a training run in it (or pass a "
+                                              f"--config.init_checkpoint to evaluate)"))
     workdir.mkdir(parents=True, exist_ok=True)
     logging.info("devices: %s", jax.devices())
     try:

@@ -87,3 +87,28 @@ def test_convert_writes_its_clip_at_the_training_size(ref, pth, tmp_path):
     assert enc.kind == "clip" and enc.image_size == SIZE
     numerics.assert_close(enc.image_features(images), ref.encode_image(images), TOL, "converted image")
     numerics.assert_close(enc.text_features(ids), ref.encode_text(ids), TOL, "converted text")
+
+
+def test_a_release_as_init_checkpoint_trains_and_evaluates(ref, pth, data_dir, tmp_path):
+    """The TDE Task starts from the file (CLIP and the heads that fit), and `--mode=eval` without a checkpoint
+    evaluates it as it is, as step 0."""
+    from reid_jax.train import loop, tde_nam
+    from tests.cli_config import tiny_config
+
+    config = tiny_config(data_dir)
+    config.init_checkpoint = str(pth)
+    config.model.update({"image_size": SIZE, "stride": STRIDE})
+    config.model.overrides = {"vision": {"width": 64, "layers": 2, "heads": 1, "mlp_dim": 256, "patch_size": 8},
+                              "text": {"width": 64, "layers": 2, "heads": 1, "mlp_dim": 256,
+                                       "context_length": 77}, "embed_dim": 64}
+    config.data.context_length = 77
+    config.loss.update({"id_weight": 1.0, "mlm_weight": 1.0, "mlm_depth": 1})
+    task = tde_nam.Task(config, tmp_path)
+    ts = task.init_state()
+    images, ids = _inputs(2, seed=4)
+    numerics.assert_close(ts.model.image_features(images), ref.encode_image(images), TOL, "task model")
+    mlm = ref.mlm_head.fc.weight.detach().numpy().T
+    np.testing.assert_array_equal(np.asarray(ts.heads.mlm_head.fc.kernel[...]), mlm)  # the heads came along
+    results = loop.evaluate_checkpoint(config, tmp_path, task)
+    assert {"eval/synthetic/R1", "eval/synthetic/mAP"} <= set(results)
+    assert (tmp_path / "metrics.jsonl").read_text().count('"step": 0') == 1

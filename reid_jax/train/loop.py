@@ -341,14 +341,20 @@ def evaluate_only(config, workdir: Path, task) -> dict:
 
 
 def evaluate_checkpoint(config, workdir: Path, task) -> dict:
-    """Evaluates the newest readable checkpoint in workdir (`--mode=eval`); UserError when there is none."""
+    """Evaluates the newest readable checkpoint in workdir (`--mode=eval`); without one, the model of
+    config.init_checkpoint (step 0); UserError when there is neither."""
     workdir = Path(workdir)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     mesh, graphdef, state, shardings = place_state(config, task)
     restored = ckpt.restore_latest(abstract_state(state, shardings))
+    if restored is None and config.init_checkpoint:  # e.g. an authors' released model, evaluated as it is
+        print(f"no checkpoint in {workdir / 'checkpoints'}: evaluating config.init_checkpoint="
+              f"{config.init_checkpoint} as step 0", flush=True)
+        return _evaluate_and_record(workdir, task, nnx.merge(graphdef, state).model, 0, mesh)
     if restored is None:
         raise UserError(f"--mode=eval: no checkpoint in {workdir / 'checkpoints'}; pass the --workdir of a "
-                        f"training run, or score the initial model with --config.train.epochs=0")
+                        f"training run or a --config.init_checkpoint, or score the initial model with "
+                        f"--config.train.epochs=0")
     step, state, _, _ = restored
     return _evaluate_and_record(workdir, task, nnx.merge(graphdef, state).model, step, mesh)
 
