@@ -208,7 +208,8 @@ def _read(src: Path, args, overrides: dict) -> tuple[Source, tuple[int, int], in
     MLLM4Text-ReID, CLIP-ReID, MUVA) is read into its method's CLIP first, and defaults to its training input."""
     module, state = released.read(src) if src.is_file() else (None, None)
     if module is None:
-        return read_source(src, state), (224, 224), 16
+        source = read_source(src, state)
+        return source, (224, 224), source.arch["vision"]["patch_size"]
     clip = module.clip(src, state, args.image_size, args.stride, overrides)
     v = clip.config.vision
     return source_of(clip, src, module.KIND), v.image_size, v.stride
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=_parse_hw, default=None,
                         help="H,W of the ReID input (default 224,224; an authors' release: its training size)")
     parser.add_argument("--stride", type=int, default=None,
-                        help="patch stride (default 16; 12 = CLIP-ReID's overlap; an authors' release: its own)")
+                        help="patch stride (default: the patch size; 12 = CLIP-ReID's overlap at patch 16; an "
+                             "authors' release: its own)")
     parser.add_argument("--posemb-interpolation", choices=posemb_lib.METHODS, default="bilinear")
     parser.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
                         help="override the activation (LAION open_clip models use gelu; OpenAI's quick_gelu)")

@@ -97,7 +97,7 @@ def _from_clip(path: Path, size, stride, camera_coefficient) -> Loaded:
     if size is None and converted.is_converted(path):  # a conversion records the input size it was made for
         stored = json.loads((path / "config.json").read_text())["model"]["vision"]
         size, stride = tuple(stored["image_size"]), stride or stored["stride"]
-    clip = load_clip(path, image_size=size or (224, 224), stride=stride or 16)
+    clip = load_clip(path, image_size=size or (224, 224), stride=stride)
     mean, std = common.CLIP_MEAN_STD
     return Loaded("clip", clip, lambda m, images, camids=None: m.image_features(images),
                   lambda m, ids: m.text_features(ids), clip.config.vision.image_size, mean, std,

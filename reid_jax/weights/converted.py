@@ -53,7 +53,7 @@ def load(path: Path, image_size, stride: int, posemb_interpolation: str, overrid
     the interpolation differs from the stored), with `overrides` (CLIPConfig fields)."""
     meta = json.loads((path / CONFIG_FILE).read_text())
     stored = CLIPConfig.from_dict(meta["model"])
-    cfg = mapping.model_config(mapping.architecture(stored), image_size, stride, overrides)
+    cfg = mapping.model_config(mapping.architecture(stored), image_size, stride or stored.vision.stride, overrides)
     if not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path}: {PARAMS_DIR}/ is missing: the conversion did not complete. Convert again "
                               f"with `python -m reid_jax.convert SRC {path} --overwrite`")

@@ -12,8 +12,9 @@ from reid_jax.models.clip import CLIP, CLIPConfig
 from reid_jax.weights import converted, mapping, released, runs
 
 
-def load_clip(source, image_size=(224, 224), stride=16, posemb_interpolation="bilinear", **overrides) -> CLIP:
-    """The CLIP in `source`, for inputs of `image_size` (H, W) cut into patches every `stride` pixels.
+def load_clip(source, image_size=(224, 224), stride=None, posemb_interpolation="bilinear", **overrides) -> CLIP:
+    """The CLIP in `source`, for inputs of `image_size` (H, W) cut into patches every `stride` pixels (None: the
+    patch size, or a conversion's or release's own stride).
 
     `source`: a `reid_jax.convert` output, a PyTorch CLIP checkpoint (OpenAI TorchScript or state dict, open_clip
     .pt/.bin/.safetensors), a Hugging Face CLIPModel folder, a reid-jax training run (its workdir, checkpoints/
@@ -32,7 +33,8 @@ def load_clip(source, image_size=(224, 224), stride=16, posemb_interpolation="bi
     if module is not None:  # an authors' training checkpoint: its CLIP, position grid as trained
         return module.clip(path, state, image_size, stride, overrides)
     checkpoint = mapping.read_source(path, state)
-    cfg = mapping.model_config(checkpoint.arch, image_size, stride, overrides)
+    cfg = mapping.model_config(checkpoint.arch, image_size, stride or checkpoint.arch["vision"]["patch_size"],
+                               overrides)
     return mapping.with_params(cfg, mapping.map_params(checkpoint, cfg, posemb_interpolation))
 
 

@@ -105,7 +105,7 @@ def load(directory: Path, image_size, stride: int, overrides: dict) -> CLIP:
             raise CheckpointError(f"{directory}: a reid-jax run does not record its attention heads, and OpenAI's "
                                   f"rule (width / 64) does not fit {tower} width {arch[tower]['width']}; pass "
                                   f"{tower}={{'heads': N}} with the number it was trained with")
-    cfg = mapping.model_config(arch, image_size, stride, overrides)
+    cfg = mapping.model_config(arch, image_size, stride or arch["vision"]["patch_size"], overrides)
     want = {p: s.shape for p, s in mapping.abstract_params(cfg).items()}
     hint = ("Load it at the image size and stride it was trained with, and pass the CLIPConfig fields its arrays "
             "do not tell (heads, activation) as overrides.")
