@@ -128,3 +128,21 @@ def test_bad_features_and_distances():
         metrics.image_reid(None, pids, pids, None, cams, cams + 1, distances=np.zeros((3, 7)))
     with pytest.raises(ValueError, match="query_feats"):
         metrics.image_reid(None, pids, pids, None, cams, cams + 1)
+
+
+def test_image_reid_reranks_normalised_features_with_the_configs_settings():
+    """`image_reid.reranked`: CLIP-ReID's / MUVA's evaluators L2-normalise before re-ranking with k1 50, k2 15."""
+    import ml_collections
+
+    from reid_jax.eval import image_reid
+
+    q, g = _feats(11, 7, 60)
+    q, g = q * np.linspace(0.5, 3.0, 7)[:, None], g * np.linspace(0.2, 5.0, 60)[:, None]  # uneven norms
+    rr = ml_collections.ConfigDict({"k1": 50, "k2": 15, "lambda_value": 0.3, "normalize": True})
+    unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
+    ref, _ = _reference(unit(q), unit(g), 50, 15, 0.3)
+    assert_close(image_reid.reranked(q, g, rr), ref, FLOAT64, "normalised then re-ranked")
+    rr.normalize = False
+    ref_raw, _ = _reference(q, g, 50, 15, 0.3)
+    assert_close(image_reid.reranked(q, g, rr), ref_raw, FLOAT64, "raw features")
+    assert np.abs(ref - ref_raw).max() > 0.01  # the norms matter: the switch is not a no-op here

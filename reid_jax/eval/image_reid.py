@@ -27,6 +27,14 @@ def encode_split(config, spec, split: str, data_dir: Path, encode, mesh, check=N
                                                                                           "index": index}
 
 
+def reranked(query: np.ndarray, gallery: np.ndarray, rr) -> np.ndarray:
+    """k-reciprocal distances [Q, G] with `config.eval.rerank`'s settings; features L2-normalised first when
+    `rr.normalize` (CLIP-ReID's and MUVA's evaluators re-rank normalised features)."""
+    if rr.get("normalize", True):
+        query, gallery = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in (query, gallery))
+    return rerank.k_reciprocal(query, gallery, rr.k1, rr.k2, rr.lambda_value)
+
+
 def evaluate(config, data_dir: Path, encode, step: int, workdir: Path, mesh, check=None) -> dict:
     """Metrics 'eval/<label>/{R1,R5,R10,mAP,mINP}' (and 'eval/<label>+rerank/...' when re-ranking is on) and
     WORKDIR/retrieval_<label>_<step>.png for every `config.eval.datasets` entry ({..., query, gallery} splits)."""
@@ -37,10 +45,7 @@ def evaluate(config, data_dir: Path, encode, step: int, workdir: Path, mesh, che
         runs = [(spec.label, None)]
         rr = config.eval.get("rerank")
         if rr is not None and rr.enabled:
-            qf, gf = q["feats"], g["feats"]
-            if rr.get("normalize", True):  # CLIP-ReID's and MUVA's evaluators re-rank L2-normalised features
-                qf, gf = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12) for f in (qf, gf))
-            runs.append((spec.label + "+rerank", rerank.k_reciprocal(qf, gf, rr.k1, rr.k2, rr.lambda_value)))
+            runs.append((spec.label + "+rerank", reranked(q["feats"], g["feats"], rr)))
         for label, dist in runs:
             m = metrics.image_reid(q["feats"], q["pid"], q["camid"], g["feats"], g["pid"], g["camid"],
                                    distances=dist)
