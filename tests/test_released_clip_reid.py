@@ -8,7 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from reid_jax.weights import readers
+from reid_jax.inference import Encoder
+from reid_jax.weights import released
 from reid_jax.weights.readers import CheckpointError
 from reid_jax.weights.released import clip_reid, common
 from tests import torch_clip_reid as ref
@@ -18,10 +19,9 @@ FP32 = 1e-4  # the issue's bound; float32 rounding in other kernels measures abo
 
 
 def read(path):
-    """The file's state as the dispatcher hands it over: numpy float32, any 'module.' prefix stripped."""
-    state = readers.read_state_file(path)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    """The file's state through the dispatcher (numpy float32, 'module.' stripped), which must name this module."""
+    module, state = released.read(path)
+    assert module is clip_reid, module
     return state
 
 
@@ -95,17 +95,32 @@ def test_sie_coefficient_is_the_callers(sie_olp):
         model.sie_coe = 1.0
 
 
-@pytest.mark.parametrize("dtype,prefix", [(torch.float16, ""), (None, "module.")])
-def test_fp16_and_prefixed_files(sie_olp, tmp_path, dtype, prefix):
-    """An fp16 copy reads as the fp16-rounded weights in float32; a DataParallel 'module.' copy as the plain."""
+@pytest.mark.parametrize("dtype,prefix", [(torch.float16, ""), (None, "module."), (torch.float16, "module.")])
+def test_fp16_and_prefixed_files_through_the_encoder(sie_olp, tmp_path, dtype, prefix):
+    """`Encoder.load` on an fp16 copy gives the fp16-rounded weights' features (float32 compute); on a
+    DataParallel 'module.' copy the plain file's."""
     model, _ = sie_olp
     path = tmp_path / "copy.pth"
     ref.save(model, path, dtype=dtype, prefix=prefix)
-    loaded = clip_reid.encoder(path, read(path), None, None, None)
+    enc = Encoder.load(path)
+    assert (enc.kind, enc.image_size, (enc.mean, enc.std)) == ("clip_reid", (256, 128), common.HALF_MEAN_STD)
     rounded = ref.load_cast(ref.build(seed=10, stride=12, cameras=4), dtype) if dtype else model
     images, cams = _images(2, 4), np.array([0, 3])
-    assert_close(_features(loaded, images, cams), ref.features(rounded, images, cams), FP32,
+    assert_close(enc.image_features(images, cams), ref.features(rounded, images, cams), FP32,
                  f"{dtype or 'fp32'} {prefix or 'unprefixed'} copy")
+
+
+def test_encoder_on_both_published_settings(plain, sie_olp):
+    for name, (model, path), cams, coefficient in (("plain", plain, None, None),
+                                                   ("SIE-OLP", sie_olp, np.array([2, 1]), 1.0)):
+        enc = Encoder.load(path, camera_coefficient=coefficient)
+        images = _images(2, 6)
+        assert_close(enc.image_features(images, cams), ref.features(model, images, cams), FP32,
+                     f"{name} through Encoder.load")
+    with pytest.raises(ValueError, match="camera"):
+        enc.image_features(images)
+    with pytest.raises(CheckpointError, match="no camera embedding"):
+        Encoder.load(plain[1], camera_coefficient=1.0)
 
 
 def test_clip_holds_both_towers_as_stored(sie_olp):

@@ -89,6 +89,9 @@ def encoder(path: Path, state: dict[str, np.ndarray], image_size, stride, camera
     `camera_coefficient`, None = the release's 1.0), at `image_size` / `stride` (None = as trained)."""
     clip_model, trained = _build(path, state, image_size, stride, {})
     table = camera_table(path, state, clip_model.config.vision.width)
+    if table is None and camera_coefficient is not None:
+        raise CheckpointError(f"{path}: this CLIP-ReID file has no camera embedding (cv_embed: it was trained "
+                              f"without SIE); drop camera_coefficient")
     coefficient = RELEASED_SIE_COE if camera_coefficient is None else float(camera_coefficient)
     cameras = 0 if table is None else table.shape[0]
     model = CLIPReID(clip_model, cameras, coefficient, rngs=nnx.Rngs(0))
