@@ -2,7 +2,8 @@
 
 BNNeck (Luo et al., "Bag of Tricks"): the feature goes through a BatchNorm whose shift is frozen at 0, then a
 bias-free linear classifier; the triplet loss sees the feature before the BatchNorm, the ID loss the logits after it.
-Init as CLIP-ReID: BN scale 1, classifier weights N(0, 0.001).
+Init as CLIP-ReID: BN scale 1, classifier weights N(0, 0.001). A BatchNorm can keep its frozen shift as a variable
+(`bias=True`, MUVA's test feature is the BatchNorm's output): 0 unless loaded from a checkpoint, never trained.
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ from flax import nnx
 Array = jax.Array
 
 
+class FrozenBias(nnx.Variable):
+    """A BatchNorm shift kept but never trained (not an nnx.Param: no optimizer sees it)."""
+
+
 class BatchNorm1d(nnx.Module):
     """torch.nn.BatchNorm1d(affine, bias frozen at 0): batch statistics in training (biased variance to normalise,
     unbiased variance into the running estimate, as torch), running statistics after `.eval()`. [B, D] -> [B, D].
     """
 
-    def __init__(self, dim: int, *, momentum: float = 0.1, epsilon: float = 1e-5):
+    def __init__(self, dim: int, *, momentum: float = 0.1, epsilon: float = 1e-5, bias: bool = False):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = FrozenBias(jnp.zeros((dim,), jnp.float32)) if bias else None
         self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
         self.momentum, self.epsilon = momentum, epsilon
         self.use_running_average = False  # flipped by Module.eval() / .train()
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+        """`use_running_average` overrides the module's mode for this call (None = the mode)."""
         x = x.astype(jnp.float32)
-        if self.use_running_average:
+        if self.use_running_average if use_running_average is None else use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
             n = x.shape[0]
@@ -37,7 +44,8 @@ class BatchNorm1d(nnx.Module):
             m = self.momentum
             self.mean[...] = (1 - m) * self.mean[...] + m * stats[0]
             self.var[...] = (1 - m) * self.var[...] + m * stats[1]
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        out = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        return out if self.bias is None else out + self.bias[...]
 
 
 class BNNeck(nnx.Module):

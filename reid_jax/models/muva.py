@@ -1,20 +1,24 @@
-"""MUVA (Li, Gong, Zhang): CLIP's image tower with part tokens, adaptively masked self-attention (AM-MSA) and a
-region mask predictor (RMP) in every block (docs/muva.md, 'Region mask predictor (RMP) and AM-MSA').
+"""MUVA (Li, Gong, Zhang): CLIP's image tower with part tokens, adaptively masked self-attention (AM-MSA), a
+region mask predictor (RMP) in every block and a BNNeck (docs/muva.md, 'Region mask predictor (RMP) and AM-MSA').
 
 Tokens: [CLS, R part tokens (head, upper body, legs), L patches]; the part tokens share CLS's position embedding
 (`clip.VisionConfig.num_extra_tokens`). In block l:
-  1. RMP_l reads the block's input tokens: LN(part tokens) cross-attend (2 heads, no bias) to LN(patches), plus a
-     residual, then MLP(LN): width -> L -> L with QuickGELU gives per-patch logits [B, R, L];
-  2. the logits accumulate over the blocks; mask_l = sigmoid(accumulated logits) > 0.5, a hard gate that passes no
-     gradient (the RMP learns from the mask loss on its logits only);
+  1. RMP_l reads the block's input tokens: LN(part tokens) cross-attend to LN(patches) (q/k/v without bias, the
+     output projection with one), plus the part tokens (the inner shortcut), then MLP(LN): width -> L -> L with
+     QuickGELU gives per-patch logits [B, R, L] (`RMPConfig` switches the LayerNorms and the shortcut);
+  2. the logits accumulate over the blocks; mask_l = sigmoid(accumulated logits / tau) > threshold, a hard gate
+     that passes no gradient (the RMP learns from the mask loss on its logits only);
   3. the block's self-attention gets the AM-MSA additive mask of mask_l (`am_msa_bias`).
-Image feature: CLS and the part tokens, each through ln_post and proj, concatenated: [B, (1 + R) E].
+Image feature f: CLS and the part tokens, each through ln_post and proj, concatenated: [B, (1 + R) E]; the test
+feature is BN(f) with the running statistics (`image_features`), as the authors' `infer_image(after_bn=True)`.
 
-Masks can also be given (`masks=`, bool [B, R, L]) instead of predicted: the pseudo masks of the part boxes in
-stage 1, or fixed horizontal bands (the "part tokens with fixed masks" ablation). R = 0 is plain CLIP (CLS only).
+Masks can also be given (`masks=`, bool [B, R, L]) instead of predicted: the pseudo masks in stage 1 and the
+memory rebuild, or fixed horizontal bands (the "part tokens with fixed masks" ablation). R = 0 is plain CLIP.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +27,12 @@ from flax import nnx
 
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import posemb
-from reid_jax.models.attention import CrossAttention
+from reid_jax.models.heads import BatchNorm1d
 
 Array = jax.Array
-BLOCKED = -1e9  # additive attention bias of a pair that may not attend (finite: a fully masked row stays finite)
+# Additive attention bias of a pair that may not attend. The authors use -inf; every row keeps CLS open, so the
+# softmax of either is the same (exp(-1e9 - max) is 0 in float32) and a finite value keeps gradients finite.
+BLOCKED = -1e9
 
 
 def am_msa_bias(mask: Array) -> Array:
@@ -70,39 +76,87 @@ def band_masks(bands, grid: tuple[int, int]) -> np.ndarray:
     return np.stack([np.repeat((cy >= y0) & (cy < y1), cols) for y0, y1 in bands])
 
 
+@dataclasses.dataclass(frozen=True)
+class RMPConfig:
+    """The mask predictor's settings (config.muva.rmp); defaults are the authors' published configs."""
+    heads: int = 2  # 2 for MA -> MS, 8 for MS -> MA
+    layer_norm: bool = True  # LN on the part tokens, the patches and before the MLP
+    inner_shortcut: bool = True  # the part tokens added back after the cross-attention
+    tau: float = 1.0  # mask probability = sigmoid(logits / tau)
+    threshold: float = 0.5  # a patch is in a part's mask when its probability exceeds this
+
+
+def _torch_linear(din: int, dout: int, use_bias: bool, dt, rngs: nnx.Rngs, zero_bias: bool = True) -> nnx.Linear:
+    """Linear with weights N(0, 0.02) (the authors' trunc_normal_ with absolute bounds +-2 never truncates at this
+    std); the bias 0, or torch's default U(+-1/sqrt(din)) where the authors leave it (`zero_bias=False`)."""
+    bound = din ** -0.5
+    bias_init = jax.nn.initializers.zeros if zero_bias else (
+        lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound))
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dt, kernel_init=jax.nn.initializers.normal(0.02),
+                      bias_init=bias_init, rngs=rngs)
+
+
+class RMPAttention(nnx.Module):
+    """Multi-head cross-attention of the RMP: q from the parts [B, R, D], k/v from the patches [B, L, D] -> [B, R, D].
+    Separate q/k/v projections without bias and an output projection with bias, as the authors' module."""
+
+    def __init__(self, width: int, heads: int, dt, *, rngs: nnx.Rngs):
+        if width % heads:
+            raise ValueError(f"the RMP's width {width} is not divisible by its {heads} heads")
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (_torch_linear(width, width, False, dt, rngs) for _ in range(3))
+        self.to_out = _torch_linear(width, width, True, dt, rngs, zero_bias=False)
+
+    def __call__(self, parts: Array, patches: Array) -> Array:
+        (b, r, d), h = parts.shape, self.heads
+        split = lambda x: x.reshape(b, x.shape[1], h, d // h)  # noqa: E731
+        out = jax.nn.dot_product_attention(split(self.to_q(parts)), split(self.to_k(patches)),
+                                           split(self.to_v(patches)))
+        return self.to_out(out.reshape(b, r, d))
+
+
 class RMP(nnx.Module):
     """Region mask predictor of one block: part tokens [B, R, D], patches [B, L, D] -> logits [B, R, L]."""
 
-    def __init__(self, width: int, num_patches: int, heads: int, cfg: clip_lib.CLIPConfig, *, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_patches: int, settings: RMPConfig, cfg: clip_lib.CLIPConfig, *,
+                 rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
-        init = jax.nn.initializers.normal
-        self.ln_q = clip_lib.LayerNorm(width, cfg, rngs=rngs)
-        self.ln_kv = clip_lib.LayerNorm(width, cfg, rngs=rngs)
-        self.attn = CrossAttention(width, heads, width ** -0.5, dt, rngs=rngs, use_bias=False)
-        self.ln_mlp = clip_lib.LayerNorm(width, cfg, rngs=rngs)
-        self.fc1 = nnx.Linear(width, num_patches, dtype=dt, kernel_init=init(width ** -0.5), rngs=rngs)
-        self.fc2 = nnx.Linear(num_patches, num_patches, dtype=dt, kernel_init=init(num_patches ** -0.5),
-                              rngs=rngs)
+        norm = (lambda: clip_lib.LayerNorm(width, cfg, rngs=rngs)) if settings.layer_norm else (lambda: None)
+        self.ln_q, self.ln_kv, self.ln_mlp = norm(), norm(), norm()
+        self.attn = RMPAttention(width, settings.heads, dt, rngs=rngs)
+        self.fc1 = _torch_linear(width, num_patches, True, dt, rngs)
+        self.fc2 = _torch_linear(num_patches, num_patches, True, dt, rngs)
+        self.inner_shortcut = settings.inner_shortcut
 
     def __call__(self, parts: Array, patches: Array) -> Array:
-        x = parts + self.attn(self.ln_q(parts), self.ln_kv(patches))
-        return self.fc2(clip_lib.quick_gelu(self.fc1(self.ln_mlp(x)))).astype(jnp.float32)
+        ln = lambda m, x: x if m is None else m(x)  # noqa: E731
+        x = self.attn(ln(self.ln_q, parts), ln(self.ln_kv, patches))
+        if self.inner_shortcut:
+            x = x + parts
+        return self.fc2(clip_lib.quick_gelu(self.fc1(ln(self.ln_mlp, x)))).astype(jnp.float32)
 
 
 class MUVAModel(nnx.Module):
-    """`clip` must have `vision.num_extra_tokens` = the number of parts R (0 = CLS only, no RMP)."""
+    """`clip` must have `vision.num_extra_tokens` = the number of parts R (0 = CLS only, no RMP). `bnneck` is the
+    BatchNorm of the image feature (its shift kept frozen): in the model because the test feature is its output."""
 
-    def __init__(self, clip: clip_lib.CLIP, rmp_heads: int = 2, *, rngs: nnx.Rngs):
+    def __init__(self, clip: clip_lib.CLIP, rmp: RMPConfig = RMPConfig(), *, rngs: nnx.Rngs):
         self.clip = clip
         v = clip.config.vision
         self.num_parts = v.num_extra_tokens
+        self.tau, self.threshold = rmp.tau, rmp.threshold
         gh, gw = v.grid
-        self.rmp = nnx.List([RMP(v.width, gh * gw, rmp_heads, clip.config, rngs=rngs) for _ in range(v.layers)]
+        self.rmp = nnx.List([RMP(v.width, gh * gw, rmp, clip.config, rngs=rngs) for _ in range(v.layers)]
                             if self.num_parts else [])
+        self.bnneck = BatchNorm1d((1 + self.num_parts) * clip.config.embed_dim, bias=True)
+
+    def mask_probs(self, logits: Array) -> Array:
+        """Accumulated RMP logits -> mask probabilities sigmoid(logits / tau), same shape."""
+        return jax.nn.sigmoid(logits / self.tau)
 
     def encode(self, images: Array, masks: Array | None = None) -> tuple[Array, Array | None]:
-        """images [B, H, W, 3] -> (feature [B, (1 + R) E] float32, accumulated RMP logits [layers, B, R, L] or
-        None when `masks` (bool [B, R, L]) are given or R = 0)."""
+        """images [B, H, W, 3] -> (feature f [B, (1 + R) E] float32 before the BNNeck, accumulated RMP logits
+        [layers, B, R, L] or None when `masks` (bool [B, R, L]) are given or R = 0)."""
         r = self.num_parts
         if r == 0:
             bias, logits = None, []
@@ -114,11 +168,13 @@ class MUVAModel(nnx.Module):
             def bias(i: int, x: Array) -> Array:  # called by the transformer before block i
                 step = self.rmp[i](x[:, 1: 1 + r], x[:, 1 + r:])
                 logits.append(step if not logits else logits[-1] + step)
-                return am_msa_bias(jax.lax.stop_gradient(jax.nn.sigmoid(logits[-1]) > 0.5))
+                return am_msa_bias(jax.lax.stop_gradient(self.mask_probs(logits[-1]) > self.threshold))
         tokens, _ = self.clip.visual(images, attn_bias=bias)
         feats = self.clip.visual.project(tokens[:, : 1 + r]).astype(jnp.float32)  # [B, 1 + R, E]
         return feats.reshape(feats.shape[0], -1), (jnp.stack(logits) if logits else None)
 
-    def image_features(self, images: Array, masks: Array | None = None) -> Array:
-        """The test feature [B, (1 + R) E] (before the BNNeck), with the RMP's own masks unless given."""
-        return self.encode(images, masks)[0]
+    def image_features(self, images: Array, masks: Array | None = None, after_bn: bool = True) -> Array:
+        """The test feature [B, (1 + R) E]: BN(f) with the running statistics (`after_bn`, the authors' default)
+        or f itself, with the RMP's own masks unless given."""
+        feats = self.encode(images, masks)[0]
+        return self.bnneck(feats, use_running_average=True) if after_bn else feats
