@@ -4,6 +4,9 @@ Variants:
   market1501 (default), msmt17, dukemtmc_reid, occluded_duke
              the paper's recipe on one set (ViT-B/16 from config.init_checkpoint at 256x128, captions in the
              dataset's `captions` field: build it with `--captions=captions.jsonl` from `reid_jax.captioning caption`)
+             on CLIP-ReID's published ViT configuration (configs/person/vit_clipreid.yml: stride 16, no camera
+             embedding)
+  <set>_sie_olp   the same on CLIP-ReID's other published ViT setting, SIE-OLP (camera embedding 1.0, stride 12)
   demo       synthetic_pedestrians (built automatically), a small CLIP from scratch, minutes on a laptop CPU
   ablation_{baseline,cgi,full}   the demo recipe (6 epochs) as the CLIP-ReID baseline, + CGI, + CGI + CFF
                                  (`--config.seed`)
@@ -28,11 +31,16 @@ _dataset, _test_set = common.dataset, common.test_set  # the tests build their o
 
 def base(dataset: str = "market1501") -> ml_collections.ConfigDict:
     c = common.header("scgi")
+    # With a CLIP-ReID release file as init_checkpoint (it stores no token table): the CLIP it was trained from
+    c.init_text_checkpoint = ""
     c.model = common.model(
-        (256, 128),  # stride 16; 12 = CLIP-ReID's overlapping patches
-        sie=True, sie_coe=1.0)  # camera embedding added to CLS (CLIP-ReID's SIE)
-    # CLIP-ReID: resize, flip 0.5, pad 10 + crop, mean/std 0.5, random erasing 0.5 filled with N(0, 1) pixels
-    c.data = common.data(c.model, common.dataset(dataset, "train"), 64, pk={"identities": 16, "instances": 4})
+        (256, 128),  # stride 16 (CLIP-ReID's vit_clipreid.yml); 12 = its overlapping patches (OLP)
+        sie=False, sie_coe=1.0)  # camera embedding added to CLS (CLIP-ReID's SIE), off in vit_clipreid.yml
+    # CLIP-ReID: resize (bicubic; bilinear for testing), flip 0.5, pad 10 + crop, mean/std 0.5, random erasing 0.5
+    # filled with N(0, 1) pixels; batches of 16 identities x 4 images from its identity sampler, which walks every
+    # image once per epoch
+    c.data = common.data(c.model, common.dataset(dataset, "train"), 64,
+                         pk={"identities": 16, "instances": 4, "sampler": "walk"})
     c.data.aug.update(common.CLIP_REID_AUG)
 
     # CGI and CFF: the paper's two hyper-parameters are num_queries and depth (its Fig. 4); the other fields are
@@ -59,9 +67,16 @@ def base(dataset: str = "market1501") -> ml_collections.ConfigDict:
         # CLIP-ReID's second stage freezes the text tower (it still passes gradients to CGI's pseudo-words)
         frozen=[r"^model\.clip\.text\.", r"^model\.clip\.logit_scale$"])
     c.train = common.train(60)
-    c.eval = common.evaluation([common.test_set(dataset)], 10, "mAP",
-                               rerank={"enabled": False, "k1": 20, "k2": 6, "lambda_value": 0.3})
+    c.eval = common.evaluation([common.test_set(dataset)], 10, "mAP", rerank=common.rerank(False))
     c.mesh = common.mesh()
+    return c
+
+
+def sie_olp(dataset: str) -> ml_collections.ConfigDict:
+    """CLIP-ReID's SIE-OLP setting (its README's command line): camera embedding with coefficient 1.0 and
+    overlapping patches at stride 12 (a 21 x 10 grid at 256 x 128)."""
+    c = base(dataset)
+    c.model.update({"sie": True, "sie_coe": 1.0, "stride": 12})
     return c
 
 
@@ -90,7 +105,8 @@ def ablation(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = {**{d: lambda d=d: base(d) for d in DATASETS}, "demo": demo,
+VARIANTS = {**{d: lambda d=d: base(d) for d in DATASETS},
+            **{f"{d}_sie_olp": lambda d=d: sie_olp(d) for d in DATASETS}, "demo": demo,
             **{f"ablation_{s}": lambda s=s: ablation(s) for s in STAGES}}
 
 

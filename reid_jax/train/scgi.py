@@ -11,6 +11,10 @@ One training step on a P x K batch of images with one caption each (docs/scgi.md
             (`models/cff.py`).
 Inference: the image encoder alone (CLS ++ projection, before the BNNecks); `evaluate.image_reid`, optionally
 k-reciprocal re-ranked.
+
+`config.init_checkpoint` may be a CLIP-ReID release file: training then starts from its image tower, text tower,
+camera embedding, BNNecks and (same identity count) classifiers; its missing token table comes from
+`config.init_text_checkpoint` (docs/scgi.md, 'Starting from a CLIP-ReID file').
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from reid_jax import data, errors, losses, weights
@@ -33,6 +38,8 @@ from reid_jax.models.heads import BNNeck
 from reid_jax.eval import image_reid
 from reid_jax.eval.encode import encode_stream, jitted
 from reid_jax.train import common, loop
+from reid_jax.weights import released
+from reid_jax.weights.released import clip_reid
 
 
 class SCGIHeads(nnx.Module):
@@ -46,6 +53,51 @@ class SCGIHeads(nnx.Module):
                     if config.cgi.enabled else None)
         self.cff = CFF(cfg, config.cff.depth, rngs=rngs) if config.cff.enabled else None
         self.neck_fuse = BNNeck(cfg.vision.width, num_classes, rngs=rngs) if config.cff.enabled else None
+
+
+def clip_reid_file(init_checkpoint: str) -> tuple[Path, dict[str, np.ndarray]] | None:
+    """(path, state) when `init_checkpoint` is a CLIP-ReID release file, else None."""
+    path = errors.expand_path(init_checkpoint)
+    if path is None or not path.is_file():
+        return None
+    module, state = released.read(path)
+    return (path, state) if module is clip_reid else None
+
+
+def load_camera_embedding(model: CLIPReID, state: dict[str, np.ndarray]) -> list[tuple[bool, str]]:
+    """cv_embed [N, Dv] -> model.cam_embed when the model has one of that shape; [(loaded?, what)]."""
+    table = state.get("cv_embed")
+    if table is None:  # the plain model; SIE here keeps its fresh rows
+        return [(False, "camera embedding (the file has none)")] if model.use_cameras else []
+    if not model.use_cameras:
+        return [(False, f"camera embedding ({len(table)} cameras; config.model.sie=False)")]
+    if table.shape != model.cam_embed.shape:
+        return [(False, f"camera embedding ({len(table)} cameras in the file, {model.cam_embed.shape[0]} here)")]
+    model.cam_embed[...] = jnp.asarray(table, jnp.float32)
+    return [(True, f"camera embedding ({len(table)} cameras)")]
+
+
+def load_bnneck(neck: BNNeck, state: dict[str, np.ndarray], bn: str, classifier: str) -> list[tuple[bool, str]]:
+    """Their BatchNorm1d `bn` (scale, running mean / variance) and bias-free Linear `classifier` [C, D] into
+    `neck`; the classifier only when the identity count matches. [(loaded?, what), ...]"""
+    out = []
+    norm = neck.bn
+    norm.scale[...] = jnp.asarray(state[f"{bn}.weight"])
+    norm.mean[...] = jnp.asarray(state[f"{bn}.running_mean"])
+    norm.var[...] = jnp.asarray(state[f"{bn}.running_var"])
+    out.append((True, f"{bn}"))
+    shift = state.get(f"{bn}.bias")
+    if getattr(norm, "bias", None) is not None and shift is not None:
+        norm.bias[...] = jnp.asarray(shift)
+    elif shift is not None and np.any(shift):  # frozen at 0 in their training: non-zero only in edited files
+        out.append((False, f"{bn}.bias (non-zero; this BNNeck keeps its shift at 0)"))
+    weight, kernel = state[f"{classifier}.weight"], neck.classifier.kernel
+    if weight.T.shape == kernel.shape:
+        kernel[...] = jnp.asarray(weight.T)
+        out.append((True, classifier))
+    else:
+        out.append((False, f"{classifier} ({weight.shape[0]} identities in the file, {kernel.shape[1]} here)"))
+    return out
 
 
 class Task:
@@ -71,10 +123,44 @@ class Task:
         clip = weights.model_for(cfg.model, cfg.init_checkpoint, cfg.seed)
         model = CLIPReID(clip, self.num_cameras, cfg.model.sie_coe, rngs=nnx.Rngs(cfg.seed + 1))
         heads = SCGIHeads(model, self.num_classes, cfg, rngs=nnx.Rngs(cfg.seed + 2))
+        if (release := clip_reid_file(cfg.init_checkpoint)) is not None:
+            self._start_from_clip_reid(model, heads, *release)
         buffers = {}
         if self._uses_prototypes():  # filled by `prepare`
             buffers["text_protos"] = jnp.zeros((self.num_classes, clip.config.embed_dim), jnp.float32)
         return loop.TrainState(model, self.tx, buffers, heads, frozen=cfg.optim.frozen)
+
+    def _start_from_clip_reid(self, model: CLIPReID, heads: SCGIHeads, path: Path, state: dict) -> None:
+        """The file's camera embedding and BNNecks over the fresh ones where shapes fit, and the token table it
+        lacks from config.init_text_checkpoint; one log line says what was loaded and what was skipped."""
+        loaded, skipped = ["image and text towers"], []
+        for outcome, what in (*load_camera_embedding(model, state),
+                              *load_bnneck(heads.neck, state, "bottleneck", "classifier"),
+                              *load_bnneck(heads.neck_proj, state, "bottleneck_proj", "classifier_proj")):
+            (loaded if outcome else skipped).append(what)
+        if self.uses_captions:
+            loaded.append(self._fill_token_table(model.clip, path))
+        else:
+            skipped.append("token table (no captions: the text tower is unused)")
+        logging.info("config.init_checkpoint=%s (CLIP-ReID): loaded %s; skipped %s", path, ", ".join(loaded),
+                     ", ".join(skipped) or "nothing")
+
+    def _fill_token_table(self, clip, path: Path) -> str:
+        """CLIP-ReID keeps no token table (nor logit scale): both come from the CLIP it was trained from."""
+        source = self.config.init_text_checkpoint
+        if not source:
+            raise errors.ConfigError(
+                f"config.init_checkpoint={path} is a CLIP-ReID file, which stores no token table, and SCGI encodes "
+                f"captions: set config.init_text_checkpoint to the CLIP it was trained from (OpenAI's ViT-B-16.pt)")
+        donor = weights.load_clip(errors.expand_path(source))
+        table, want = donor.text.token_embedding.embedding, clip.text.token_embedding.embedding
+        if table.shape != want.shape:
+            raise errors.ConfigError(
+                f"config.init_text_checkpoint={source}: its token table is {list(table.shape)}, the CLIP-ReID "
+                f"file's text tower needs {list(want.shape)}; pass the CLIP the file was trained from")
+        want[...] = table[...]
+        clip.logit_scale[...] = donor.logit_scale[...]
+        return f"token table and logit scale from {source}"
 
     def _uses_prototypes(self) -> bool:
         return bool(self.config.loss.i2t_weight) and self.config.loss.i2t_mode == "prototypes"
