@@ -352,7 +352,8 @@ def test_training_starts_from_a_clip_reid_file(data_dir, tmp_path, monkeypatch):
 
 def test_clip_reid_file_that_does_not_fit_is_reported(data_dir, tmp_path, monkeypatch):
     """Another identity count: the classifiers are skipped and the log line says so; without
-    config.init_text_checkpoint a captioned run is a one-line config error."""
+    config.init_text_checkpoint the file evaluates (--mode=eval), and training with captions is a one-line config
+    error before the first step."""
     from reid_jax import errors
     from reid_jax.train import scgi
 
@@ -368,5 +369,8 @@ def test_clip_reid_file_that_does_not_fit_is_reported(data_dir, tmp_path, monkey
     assert ts.heads.neck.classifier.kernel.shape[1] == task.num_classes
     c = _from_file_config(data_dir, (path, donor_path))
     c.init_text_checkpoint = ""
+    task = scgi.Task(c, tmp_path / "eval")
+    results = loop.evaluate_checkpoint(c, tmp_path / "eval", task)  # no checkpoint: the file, as step 0
+    assert results["eval/synthetic/mAP"] > 0
     with pytest.raises(errors.ConfigError, match="init_text_checkpoint"):
-        scgi.Task(c, tmp_path).init_state()
+        task.prepare(task.init_state(), mesh_lib.make_mesh(c.mesh))

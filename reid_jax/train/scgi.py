@@ -114,6 +114,7 @@ class Task:
         common.check_pk_batch(config)
         self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config, len(self.index))
         self.uses_captions = config.cgi.enabled or bool(config.loss.i2t_weight)
+        self.missing_token_table = None  # a CLIP-ReID init_checkpoint read without config.init_text_checkpoint
         self.prompt_ids, self.prompt_slots = prompts.prompt_ids(
             config.cgi.prompt, config.cgi.num_queries, config.data.context_length)
 
@@ -138,20 +139,17 @@ class Task:
                               *load_bnneck(heads.neck, state, "bottleneck", "classifier"),
                               *load_bnneck(heads.neck_proj, state, "bottleneck_proj", "classifier_proj")):
             (loaded if outcome else skipped).append(what)
-        if self.uses_captions:
-            loaded.append(self._fill_token_table(model.clip, path))
-        else:
-            skipped.append("token table (no captions: the text tower is unused)")
+        if self.config.init_text_checkpoint:
+            loaded.append(self._fill_token_table(model.clip))
+        else:  # enough to evaluate (--mode=eval); training with captions stops in `prepare`
+            self.missing_token_table = path
+            skipped.append("token table (config.init_text_checkpoint is empty)")
         logging.info("config.init_checkpoint=%s (CLIP-ReID): loaded %s; skipped %s", path, ", ".join(loaded),
                      ", ".join(skipped) or "nothing")
 
-    def _fill_token_table(self, clip, path: Path) -> str:
+    def _fill_token_table(self, clip) -> str:
         """CLIP-ReID keeps no token table (nor logit scale): both come from the CLIP it was trained from."""
         source = self.config.init_text_checkpoint
-        if not source:
-            raise errors.ConfigError(
-                f"config.init_checkpoint={path} is a CLIP-ReID file, which stores no token table, and SCGI encodes "
-                f"captions: set config.init_text_checkpoint to the CLIP it was trained from (OpenAI's ViT-B-16.pt)")
         donor = weights.load_clip(errors.expand_path(source))
         table, want = donor.text.token_embedding.embedding, clip.text.token_embedding.embedding
         if table.shape != want.shape:
@@ -167,6 +165,11 @@ class Task:
 
     def prepare(self, ts: loop.TrainState, mesh) -> None:
         """Before the first step: the per-identity caption prototypes of the frozen text tower."""
+        if self.uses_captions and self.missing_token_table:
+            raise errors.ConfigError(
+                f"config.init_checkpoint={self.missing_token_table} is a CLIP-ReID file, which stores no token table, "
+                f"and SCGI trains on captions: set config.init_text_checkpoint to the CLIP it was trained from "
+                f"(OpenAI's ViT-B-16.pt)")
         if self._uses_prototypes():
             ts.text_protos[...] = self._text_prototypes(ts.model.clip, mesh)
 
