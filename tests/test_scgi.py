@@ -289,6 +289,24 @@ def test_variants_are_clip_reids_published_settings():
     assert (sie.model.stride, sie.model.sie, sie.model.sie_coe) == (12, True, 1.0)
 
 
+def test_a_file_run_at_another_stride_is_warned_about(monkeypatch):
+    """An SIE-OLP file (21 x 10 grid) under the plain variant: its grid would be resized, which the log says."""
+    import ml_collections
+
+    from reid_jax.train import scgi
+
+    state = {"image_encoder.positional_embedding": np.zeros((211, 8)),
+             "image_encoder.conv1.weight": np.zeros((8, 3, 16, 16))}
+    model_cfg = ml_collections.ConfigDict({"image_size": (256, 128), "stride": 16})
+    lines = []
+    monkeypatch.setattr(scgi.logging, "warning", lambda msg, *a: lines.append(msg % a))
+    scgi.warn_if_resized("f.pth", state, model_cfg)
+    assert len(lines) == 1 and "stride 12" in lines[0] and "sie_olp" in lines[0]
+    model_cfg.stride = 12
+    scgi.warn_if_resized("f.pth", state, model_cfg)
+    assert len(lines) == 1
+
+
 def _clip_reid_files(task, tmp_path, classes):
     """A CLIP-ReID stage-2 file at the tiny config's input (64x32, stride 16) with `classes` identities and the
     training set's cameras, its BN shifts at 0 as their training leaves them; and an OpenAI-layout CLIP with the

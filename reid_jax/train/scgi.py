@@ -64,6 +64,16 @@ def clip_reid_file(init_checkpoint: str) -> tuple[Path, dict[str, np.ndarray]] |
     return (path, state) if module is clip_reid else None
 
 
+def warn_if_resized(path: Path, state: dict[str, np.ndarray], model_cfg: ml_collections.ConfigDict) -> None:
+    """A warning when config.model runs the file at another input size or stride than it was trained at."""
+    want = (tuple(model_cfg.image_size), model_cfg.stride)
+    size, stride = clip_reid.trained_input(path, state, *want)
+    if (tuple(size), stride) != want:
+        logging.warning("config.init_checkpoint=%s was trained at %dx%d stride %d; config.model runs it at %dx%d "
+                        "stride %d, its position grid resized (an SIE-OLP file wants the <set>_sie_olp variant)",
+                        path, *size, stride, *want[0], want[1])
+
+
 def load_camera_embedding(model: CLIPReID, state: dict[str, np.ndarray]) -> list[tuple[bool, str]]:
     """cv_embed [N, Dv] -> model.cam_embed when the model has one of that shape; [(loaded?, what)]."""
     table = state.get("cv_embed")
@@ -146,6 +156,7 @@ class Task:
             skipped.append("token table (config.init_text_checkpoint is empty)")
         logging.info("config.init_checkpoint=%s (CLIP-ReID): loaded %s; skipped %s", path, ", ".join(loaded),
                      ", ".join(skipped) or "nothing")
+        warn_if_resized(path, state, self.config.model)
 
     def _fill_token_table(self, clip) -> str:
         """CLIP-ReID keeps no token table (nor logit scale): both come from the CLIP it was trained from."""

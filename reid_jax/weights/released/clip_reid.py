@@ -55,16 +55,18 @@ def openai_state(path: Path, state: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def _trained(path: Path, openai: dict[str, np.ndarray], image_size, stride) -> tuple[tuple[int, int], int]:
-    patches = openai["visual.positional_embedding"].shape[0] - 1
-    patch = openai["visual.conv1.weight"].shape[-1]
+def trained_input(path: Path, state: dict[str, np.ndarray], image_size=None, stride=None
+                  ) -> tuple[tuple[int, int], int]:
+    """(image_size, stride) the file was trained at, from its position grid (see `common.trained_input`)."""
+    patches = state["image_encoder.positional_embedding"].shape[0] - 1
+    patch = state["image_encoder.conv1.weight"].shape[-1]
     return common.trained_input(path, patches, patch, image_size, stride, PUBLISHED)
 
 
 def _build(path: Path, state: dict[str, np.ndarray], image_size, stride, overrides
            ) -> tuple[CLIP, tuple[tuple[int, int], int]]:
     openai = openai_state(path, state)
-    trained = _trained(path, openai, image_size, stride)
+    trained = trained_input(path, state, image_size, stride)
     return common.build_clip(path, KIND, openai, trained, image_size, stride, overrides=overrides,
                              optional=OPTIONAL), trained
 
