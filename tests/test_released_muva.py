@@ -149,3 +149,17 @@ def test_a_reid_jax_muva_run_loads_with_its_rmp_and_bnneck(data_dir, tmp_path):
                                               c.model.stride, overrides)
     images = jnp.asarray(np.random.default_rng(5).normal(size=(2, *c.model.image_size, 3)), jnp.float32)
     assert_close(image_fn(model, images), ts.model.image_features(images), 1e-6, "the run's test feature")
+
+
+def test_rmp_switches_match_the_authors_options(tmp_path):
+    """Their RMP_USE_LAYER_NORM / RMP_USE_INNER_SHORTCUT off, another tau and threshold: `RMPConfig` gives their
+    forward (a file does not record these, so they are passed as the run's config would)."""
+    model, path = _saved(tmp_path, seed=11, layer_norm=False, shortcut=False, tau=2.0, threshold=0.4)
+    _, state = released.read(path)
+    ours = released_muva.build(path, state, SIZE, PATCH, settings=released_muva.RMPConfig(
+        heads=2, layer_norm=False, inner_shortcut=False, tau=2.0, threshold=0.4))
+    assert ours.rmp[0].ln_q is None
+    images = _images(seed=6)
+    assert _gate_margin(model, images) > 1e-4
+    assert_close(ours.image_features(jnp.asarray(images)), model.infer_image(nchw(images)).numpy(), FP32,
+                 "test feature, RMP without LayerNorms and shortcut, tau 2, threshold 0.4")
