@@ -123,12 +123,15 @@ def test_encoder_on_both_published_settings(plain, sie_olp):
         Encoder.load(plain[1], camera_coefficient=1.0)
 
 
-def test_clip_holds_both_towers_as_stored(sie_olp):
+def test_clip_holds_both_towers_as_stored(sie_olp, monkeypatch):
     """`clip` (convert / init_checkpoint): every stored CLIP weight lands in place; the token table and logit
-    scale, which CLIP-ReID does not store, are initialised."""
+    scale, which CLIP-ReID does not store, are initialised, and a warning says so."""
     _, path = sie_olp
     state = read(path)
+    warnings = []
+    monkeypatch.setattr(clip_reid.logging, "warning", lambda msg, *a: warnings.append(msg % a))
     c = clip_reid.clip(path, state, None, None, {})
+    assert len(warnings) == 1 and "token table" in warnings[0]
     assert c.config.vision.grid == (21, 10) and c.config.text.context_length == 16 and c.config.embed_dim == 48
     np.testing.assert_array_equal(c.text.positional_embedding[...], state["text_encoder.positional_embedding"])
     np.testing.assert_array_equal(c.text.proj[...], state["text_encoder.text_projection"])

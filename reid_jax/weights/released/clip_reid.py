@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from reid_jax.models.clip import CLIP
@@ -73,6 +74,9 @@ def _build(path: Path, state: dict[str, np.ndarray], image_size, stride, overrid
 
 def clip(path: Path, state: dict[str, np.ndarray], image_size, stride, overrides) -> CLIP:
     """The file's CLIP (image tower and text tower; the token table and logit scale it lacks are initialised)."""
+    logging.warning("%s: CLIP-ReID files store no token table nor logit scale: both are initialised at random, so "
+                    "its text features mean nothing until they come from the CLIP it was trained from (SCGI: "
+                    "config.init_text_checkpoint)", path)
     return _build(path, state, image_size, stride, overrides)[0]
 
 
