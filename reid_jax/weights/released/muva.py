@@ -237,7 +237,8 @@ def run_model(directory: Path, config, size, stride, overrides, camera_coefficie
     clip_model = runs.load(directory, size, stride, overrides)
     step, saved = runs.latest_arrays(directory)
     anchor = "clip.visual.conv1.kernel"
-    prefix = next(k[: -len(anchor)] for k in saved if k.endswith(anchor))  # 'model.' in checkpoints/, '' in best/
+    # 'model.' in checkpoints/, '' in best/; the optimizer's moments end the same way under longer prefixes
+    prefix = min((k[: -len(anchor)] for k in saved if k.endswith(anchor)), key=len)
     m = config.muva
     settings = RMPConfig(**m.rmp.to_dict()) if "rmp" in m else RMPConfig(heads=m.get("rmp_heads", 2))
     model = MUVAModel(clip_model, settings, rngs=nnx.Rngs(0))
