@@ -129,8 +129,9 @@ def test_muva_training_started_from_a_released_file_holds_its_weights(data_dir, 
 
 
 def test_a_reid_jax_muva_run_loads_with_its_rmp_and_bnneck(data_dir, tmp_path):
-    """`run_model` (the inference loader of MUVA runs): a training checkpoint's model gives the trained model's
-    test feature, BNNeck and RMP included."""
+    """Encoder.load of a MUVA training run: the checkpoint's model gives the trained model's test feature, BNNeck
+    (running statistics and frozen shift) and RMP included."""
+    from reid_jax.inference import Encoder
     from reid_jax.train import muva
     from reid_jax.train.checkpoint import Checkpointer
     from tests.params import perturb
@@ -144,11 +145,12 @@ def test_a_reid_jax_muva_run_loads_with_its_rmp_and_bnneck(data_dir, tmp_path):
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", keep=1)
     ckpt.save(3, nnx.state(ts), None, {})
     ckpt.wait()
-    overrides = {**c.model.overrides.to_dict(), "dtype": "float32"}
-    model, image_fn = released_muva.run_model(tmp_path / "run" / "checkpoints", c, tuple(c.model.image_size),
-                                              c.model.stride, overrides)
-    images = jnp.asarray(np.random.default_rng(5).normal(size=(2, *c.model.image_size, 3)), jnp.float32)
-    assert_close(image_fn(model, images), ts.model.image_features(images), 1e-6, "the run's test feature")
+    (tmp_path / "run" / "config.json").write_text(c.to_json())  # as loop.fit writes it
+    enc = Encoder.load(tmp_path / "run")
+    assert enc.kind == "muva"
+    images = np.random.default_rng(5).normal(size=(2, *c.model.image_size, 3)).astype(np.float32)
+    assert_close(enc.image_features(images), ts.model.image_features(jnp.asarray(images)), 1e-6,
+                 "the run's test feature")
 
 
 def test_rmp_switches_match_the_authors_options(tmp_path):

@@ -224,26 +224,3 @@ def encoder(path: Path, state: dict[str, np.ndarray], image_size, stride, camera
                   info={"stride": v.stride, "grid": v.grid, "parts": model.num_parts, "rmp_heads": heads,
                         "classes": int(state["fc.weight"].shape[0]) if "fc.weight" in state else None})
 
-
-# ------------------------------------------------------------------------------------------ reid-jax runs
-def run_model(directory: Path, config, size, stride, overrides, camera_coefficient=None):
-    """A reid-jax MUVA run's model (its newest checkpoint in `directory`) and its test-feature function, for
-    `reid_jax.inference`: the CLIP as `runs.load` reads it, then every other array saved under the model (RMP,
-    BNNeck) by name. `config` is the run's config (RMP settings, test feature)."""
-    from reid_jax.weights import runs
-
-    if camera_coefficient is not None:
-        raise CheckpointError(f"{directory}: a MUVA model has no camera embedding; drop camera_coefficient")
-    clip_model = runs.load(directory, size, stride, overrides)
-    step, saved = runs.latest_arrays(directory)
-    anchor = "clip.visual.conv1.kernel"
-    # 'model.' in checkpoints/, '' in best/; the optimizer's moments end the same way under longer prefixes
-    prefix = min((k[: -len(anchor)] for k in saved if k.endswith(anchor)), key=len)
-    m = config.muva
-    settings = RMPConfig(**m.rmp.to_dict()) if "rmp" in m else RMPConfig(heads=m.get("rmp_heads", 2))
-    model = MUVAModel(clip_model, settings, rngs=nnx.Rngs(0))
-    rest = {tuple(int(p) if p.isdigit() else p for p in k[len(prefix):].split(".")): v for k, v in saved.items()
-            if k.startswith(prefix) and not k[len(prefix):].startswith("clip.")}
-    set_arrays(Path(directory), model, rest)
-    after_bn = m.get("test_after_bn", True)
-    return model, lambda mdl, images, camids=None: mdl.image_features(images, after_bn=after_bn)
