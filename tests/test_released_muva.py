@@ -165,3 +165,23 @@ def test_rmp_switches_match_the_authors_options(tmp_path):
     assert _gate_margin(model, images) > 1e-4
     assert_close(ours.image_features(jnp.asarray(images)), model.infer_image(nchw(images)).numpy(), FP32,
                  "test feature, RMP without LayerNorms and shortcut, tau 2, threshold 0.4")
+
+
+@pytest.mark.parametrize("variant", ["plain", "fp16_module"])
+def test_encoder_loads_a_released_file(tmp_path, variant):
+    """Encoder.load(FILE): detected as MUVA, the authors' feature; a DataParallel ('module.') file saved in fp16
+    gives the feature of its fp16 weights."""
+    from reid_jax.inference import Encoder
+
+    model, path = _saved(tmp_path, seed=13)
+    if variant == "fp16_module":
+        with torch.no_grad():
+            for t in list(model.parameters()) + [model.bnneck.running_mean, model.bnneck.running_var]:
+                t.copy_(t.half().float())
+        torch.save({f"module.{k}": v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+                   path)
+    enc = Encoder.load(path, image_size=SIZE, stride=PATCH)
+    assert enc.kind == "muva" and (enc.mean, enc.std) == released.common.HALF_MEAN_STD
+    images = _images(seed=7)
+    assert _gate_margin(model, images) > 1e-4
+    assert_close(enc.image_features(images), model.infer_image(nchw(images)).numpy(), FP32, f"Encoder, {variant}")
