@@ -142,13 +142,33 @@ def _scgi_model(directory: Path, config, size, stride, overrides, camera_coeffic
     from reid_jax.models.clip_reid import CLIPReID
 
     clip = runs.load(directory, size, stride, overrides)
-    step, saved = runs.latest_arrays(directory)
+    _, saved = runs.latest_arrays(directory)
     cams = next((v for k, v in saved.items() if k.endswith("cam_embed")), None)
     coefficient = config.model.sie_coe if camera_coefficient is None else camera_coefficient
     model = CLIPReID(clip, 0 if cams is None else cams.shape[0], coefficient, rngs=nnx.Rngs(0))
-    if cams is not None:
-        model.cam_embed[...] = jnp.asarray(cams)
+    runs.load_module(model, directory)
     return model, lambda m, images, camids: m.image_features(images, camids)
 
 
-_RUN_MODELS = {"scgi": _scgi_model}
+def _muva_model(directory: Path, config, size, stride, overrides, camera_coefficient):
+    from reid_jax.models import muva as muva_lib
+    from reid_jax.train.muva import rmp_config
+
+    if camera_coefficient is not None:
+        raise CheckpointError(f"{directory}: a MUVA model has no camera embedding; drop camera_coefficient")
+    m = config.muva
+    clip = runs.load(directory, size, stride, overrides)
+    model = muva_lib.MUVAModel(clip, rmp_config(m), rngs=nnx.Rngs(0))
+    runs.load_module(model, directory)
+    fixed = None  # the 'fixed bands' ablation runs with given masks instead of the RMP's
+    if m.mask_mode == "fixed" and m.num_parts:
+        fixed = jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], clip.config.vision.grid))
+
+    def image_fn(model, images, camids=None):
+        masks = None if fixed is None else jnp.broadcast_to(fixed, (images.shape[0], *fixed.shape))
+        return model.image_features(images, masks, after_bn=m.test_after_bn)
+
+    return model, image_fn
+
+
+_RUN_MODELS = {"scgi": _scgi_model, "muva": _muva_model}

@@ -85,6 +85,17 @@ def load_into(clip: nnx.Module, directory: Path) -> int:
     return step
 
 
+def load_module(module: nnx.Module, directory: Path) -> int:
+    """Copies every variable of a method's model (parameters and batch statistics; e.g. `CLIPReID`, `MUVAModel`,
+    holding its CLIP as `.clip`) from the newest checkpoint of a run that trained that model. Returns the step."""
+    step, prefix, saved = _clip_arrays(directory)
+    base = prefix[: -len("clip.")] if prefix.endswith("clip.") else prefix
+    variables = dict(nnx.to_flat_state(nnx.state(module)))
+    nnx.update(module, nnx.from_flat_state(_fit(directory, step, base, saved,
+                                                {p: v[...].shape for p, v in variables.items()}, _TRAINED_WITH)))
+    return step
+
+
 def load(directory: Path, image_size, stride: int, overrides: dict) -> CLIP:
     """A run's CLIP on its own. A run does not record its architecture: what the arrays' shapes tell is read from
     them (part tokens included), attention heads follow OpenAI's width / 64 rule and the rest are CLIPConfig
