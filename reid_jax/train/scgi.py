@@ -14,7 +14,7 @@ k-reciprocal re-ranked.
 
 `config.init_checkpoint` may be a CLIP-ReID release file: training then starts from its image tower, text tower,
 camera embedding, BNNecks and (same identity count) classifiers; its missing token table comes from
-`config.init_text_checkpoint` (docs/scgi.md, 'Starting from a CLIP-ReID file').
+`config.init_text_checkpoint` (docs/scgi.md, section 9).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def load_bnneck(neck: BNNeck, state: dict[str, np.ndarray], bn: str, classifier:
     norm.scale[...] = jnp.asarray(state[f"{bn}.weight"])
     norm.mean[...] = jnp.asarray(state[f"{bn}.running_mean"])
     norm.var[...] = jnp.asarray(state[f"{bn}.running_var"])
-    out.append((True, f"{bn}"))
+    out.append((True, bn))
     shift = state.get(f"{bn}.bias")
     if getattr(norm, "bias", None) is not None and shift is not None:
         norm.bias[...] = jnp.asarray(shift)
