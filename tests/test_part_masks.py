@@ -121,3 +121,19 @@ def test_muva_trains_towards_the_stored_masks_flipped_with_the_image(data_dir, t
     centre = (x[:, 0] + x[:, 2]) / 2
     assert np.all(np.abs(np.abs(centre - 0.5) - 0.375) < 0.05), centre
     assert (centre > 0.5).any() and (centre < 0.5).any()  # both orientations in one batch of 16
+
+
+def test_stored_masks_are_read_only_when_training_needs_them(data_dir, tmp_path):
+    """A set built without --part_masks: the task still builds its model (evaluating a checkpoint needs no masks);
+    stage 1 / training stop with a one-line error saying how to build them."""
+    from reid_jax.errors import UserError
+    from reid_jax.train import muva
+
+    module = configs.load("muva")
+    c = configs.tiny_image_reid(module.get_config("demo"), data_dir)
+    c.data.train = [module._dataset("synthetic_pedestrians", "train", "small", "synthetic", ("daylight", "night"))]
+    c.muva.update({"simulate_grounding": False, "pseudo_masks": "stored"})
+    task = muva.Task(c, tmp_path)
+    task.init_state()
+    with pytest.raises(UserError, match="holds no part masks .* --part_masks=FILE.pkl"):
+        task.train_stream(pipeline.Shard())

@@ -93,7 +93,9 @@ class Task:
         m = config.muva
         self.data_dir = specs.data_dir(config, self.workdir)
         self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
-        self.mask_table = None  # bool [N, 3, L] in 'stored' mode: the stored masks of every training record
+        self._stored = m.pseudo_masks == "stored" and m.num_parts and m.mask_mode == "rmp" and \
+            not m.simulate_grounding
+        self._mask_table = None  # read on first use: evaluating a checkpoint does not need the masks
         if m.simulate_grounding:
             boxes = np.stack([np.asarray(r["part_boxes"], np.float32) for r in self._meta()])
             noise = simulated_grounding.GroundingNoise(**m.grounding_noise.to_dict())
@@ -101,9 +103,7 @@ class Task:
             logging.warning("simulated grounding: %s of %d images fell back to fixed bands (head, upper, legs)",
                             fallbacks.tolist(), len(boxes))
             self.source = sources.PartBoxesSource(self.source, table)
-        elif m.pseudo_masks == "stored" and m.num_parts and m.mask_mode == "rmp":
-            self.mask_table = part_masks.training_table(config.data.train, self.data_dir,
-                                                        [r["file_name"] for r in self._meta()])
+        elif self._stored:
             self.source = sources.PartBoxesSource(self.source, np.broadcast_to(FLIP_MARKER,
                                                                                (len(self.index), 3, 4)))
         self.num_classes = len(np.unique(self.index.pids))
@@ -111,6 +111,14 @@ class Task:
         self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config, len(self.index))
         self.clip_config = None  # the built model's (patch grid, context length): set by `_model`
         self._release = None  # (path, state) of an authors' MUVA file given as init_checkpoint
+
+    @property
+    def mask_table(self) -> np.ndarray | None:
+        """bool [N, 3, L] in 'stored' mode: the stored masks of every training record (None otherwise)."""
+        if self._stored and self._mask_table is None:
+            self._mask_table = part_masks.training_table(self.config.data.train, self.data_dir,
+                                                         [r["file_name"] for r in self._meta()])
+        return self._mask_table
 
     def _meta(self):
         meta, _ = specs.training_set(self.config.data.train, self.data_dir, False, decode_image=False)
@@ -302,6 +310,8 @@ class Task:
 
     # ---------------------------------------------------------------------------------------------- stage 2
     def train_stream(self, shard):
+        if self.clip_config is not None:
+            self._check_mask_grid()
         return pipeline.pk_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard)
 
     def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
