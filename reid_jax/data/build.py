@@ -2,8 +2,8 @@
 
 Turns a dataset's raw download, in the layout its authors ship, into a TFDS dataset (array_record). Run again,
 it rebuilds only when the manual folder (file names, sizes, mtimes) or the options (--skip_bad, the contents of
---part_boxes, --captions and --part_masks; each --config has a folder of its own) differ from those of the build in --data_dir,
-and otherwise says that it reused that build; --force rebuilds regardless. The old dataset is replaced only once
+--part_boxes, --captions and --part_masks; each --config has a folder of its own) differ from those of the build
+in --data_dir, and otherwise says that it reused that build; --force rebuilds regardless. The old dataset is replaced only once
 the new one is complete (data_builders/prepared.py). Path flags may hold `~` and `$VARS`. Bad input is one line
 `error: ...` on stderr, exit status 2 for a bad command line and 1 for anything else (a folder, a file, an item of
 the dataset).
