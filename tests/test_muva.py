@@ -283,7 +283,8 @@ def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
 
 def test_memory_rebuild_is_the_normalised_mean_of_normalised_bn_features(data_dir, tmp_path):
     """start_epoch: every training image (test transform, pseudo masks of its stored boxes), BN(f) with the
-    running statistics, each normalised, averaged per identity, normalised: against numpy over the same images."""
+    running statistics, each normalised, averaged per identity, normalised: against numpy over the same images,
+    at two epochs (the encoder compiled once sees each epoch's weights)."""
     from reid_jax.data import pipeline
     from reid_jax.data.index import relabel
     from reid_jax.train import muva
@@ -291,18 +292,23 @@ def test_memory_rebuild_is_the_normalised_mean_of_normalised_bn_features(data_di
     c = tiny_config(data_dir)
     task = muva.Task(c, tmp_path)
     ts = task.init_state()
-    perturb(ts.model.bnneck, 5)
-    ts.model.bnneck.mean[...] = jnp.full(ts.model.bnneck.mean.shape, 0.2)
-    task.start_epoch(ts, mesh_lib.make_mesh(c.mesh))
-    feats = []
-    for b in pipeline.eval_images(task.source, c.data, batch_size=16):
-        masks = muva_lib.boxes_to_masks(jnp.asarray(b["part_boxes"]), (64, 32), 16, 16)
-        f = np.asarray(ts.model.image_features(jnp.asarray(b["image"]), masks), np.float64)[b["valid"]]
-        feats.append(f / np.linalg.norm(f, axis=1, keepdims=True))
-    feats, labels = np.concatenate(feats), relabel(task.index.pids)[0]
-    want = np.stack([feats[labels == c].mean(0) for c in range(task.num_classes)])
-    want /= np.linalg.norm(want, axis=1, keepdims=True)
-    assert_close(ts.memory[...], want, 1e-4, "memory")
+    mesh = mesh_lib.make_mesh(c.mesh)
+
+    def want():
+        feats = []
+        for b in pipeline.eval_images(task.source, c.data, batch_size=16):
+            masks = muva_lib.boxes_to_masks(jnp.asarray(b["part_boxes"]), (64, 32), 16, 16)
+            f = np.asarray(ts.model.image_features(jnp.asarray(b["image"]), masks), np.float64)[b["valid"]]
+            feats.append(f / np.linalg.norm(f, axis=1, keepdims=True))
+        feats, labels = np.concatenate(feats), relabel(task.index.pids)[0]
+        means = np.stack([feats[labels == k].mean(0) for k in range(task.num_classes)])
+        return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+    for epoch, shift in enumerate((0.2, -0.3)):
+        perturb(ts.model.bnneck, 5 + epoch)
+        ts.model.bnneck.mean[...] = jnp.full(ts.model.bnneck.mean.shape, shift)
+        task.start_epoch(ts, mesh)
+        assert_close(ts.memory[...], want(), 1e-4, f"memory at epoch {epoch}")
 
 
 def test_stage1_schedule_is_the_authors_warmup_then_cosine_to_the_floor(data_dir, tmp_path):

@@ -111,6 +111,7 @@ class Task:
         self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config, len(self.index))
         self.clip_config = None  # the built model's (patch grid, context length): set by `_model`
         self._release = None  # (path, state) of an authors' MUVA file given as init_checkpoint
+        self._encoders = {}  # after_bn -> the jitted encoder of `_identity_means` (state as an argument)
 
     @property
     def mask_table(self) -> np.ndarray | None:
@@ -217,16 +218,20 @@ class Task:
         it the raw features are averaged (stage 1's centroids); the means normalised, as the authors'."""
         cfg = self.config
         self._check_mask_grid()
+        graphdef, state = nnx.split(model)
+        if after_bn not in self._encoders:  # compiled once: the memory is rebuilt every epoch
 
-        def encode(mdl, b):
-            masks = self._pseudo_masks(b, train=False) if cfg.muva.num_parts else None
-            f = mdl.image_features(b["image"], masks, after_bn=after_bn)
-            return losses.l2_normalize(f) if after_bn else f
+            def encode(s, b):
+                masks = self._pseudo_masks(b, train=False) if cfg.muva.num_parts else None
+                f = nnx.merge(graphdef, s).image_features(b["image"], masks, after_bn=after_bn)
+                return losses.l2_normalize(f) if after_bn else f
 
+            self._encoders[after_bn] = jax.jit(encode)
+        run = self._encoders[after_bn]
         shard = pipeline.Shard.from_jax()
         stream = pipeline.eval_images(self.source, cfg.data, batch_size=cfg.eval.batch_size // shard.count,
                                       shard=shard)
-        out = encode_stream(stream, "image", jitted(model, encode), mesh, desc=desc)
+        out = encode_stream(stream, "image", lambda batch: run(state, batch), mesh, desc=desc)
         means = common.class_means(out["feats"], relabel(self.index.pids)[0], self.num_classes)
         return np.asarray(losses.l2_normalize(jnp.asarray(means)))
 
