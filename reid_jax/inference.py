@@ -142,10 +142,15 @@ def _scgi_model(directory: Path, config, size, stride, overrides, camera_coeffic
     from reid_jax.models.clip_reid import CLIPReID
 
     clip = runs.load(directory, size, stride, overrides)
-    _, saved = runs.latest_arrays(directory)
-    cams = next((v for k, v in saved.items() if k.endswith("cam_embed")), None)
+    num_cameras = 0
+    if config.model.sie:  # the run's camera count is its embedding's row count
+        _, saved = runs.latest_arrays(directory)
+        num_cameras = next(v for k, v in saved.items() if k.endswith("cam_embed")).shape[0]
+    elif camera_coefficient is not None:
+        raise CheckpointError(f"{directory}: this run has no camera embedding (config.model.sie=False); drop "
+                              f"camera_coefficient")
     coefficient = config.model.sie_coe if camera_coefficient is None else camera_coefficient
-    model = CLIPReID(clip, 0 if cams is None else cams.shape[0], coefficient, rngs=nnx.Rngs(0))
+    model = CLIPReID(clip, num_cameras, coefficient, rngs=nnx.Rngs(0))
     runs.load_module(model, directory)
     return model, lambda m, images, camids: m.image_features(images, camids)
 

@@ -4,6 +4,8 @@ when re-ranking is on, on the distances of the numpy transcription in tests/test
 
 from pathlib import Path
 
+import numpy as np
+
 from reid_jax import mesh as mesh_lib
 from reid_jax.eval import image_reid, metrics
 from reid_jax.eval.encode import jitted
@@ -32,7 +34,10 @@ def assert_logged_metrics_are_the_final_models(config, workdir: Path, task, mode
                                                  g["camid"], 10)}
     rr = config.eval.get("rerank")
     if rr is not None and rr.enabled:
-        distances, _ = test_rerank._reference(q["feats"], g["feats"], rr.k1, rr.k2, rr.lambda_value)
+        qf, gf = q["feats"].astype(np.float64), g["feats"].astype(np.float64)
+        if rr.get("normalize", True):  # the evaluators re-rank L2-normalised features
+            qf, gf = (f / np.linalg.norm(f, axis=1, keepdims=True) for f in (qf, gf))
+        distances, _ = test_rerank._reference(qf, gf, rr.k1, rr.k2, rr.lambda_value)
         want[spec.label + "+rerank"] = metrics.image_reid(None, q["pid"], q["camid"], None, g["pid"], g["camid"],
                                                           distances=distances)
     for run, m in want.items():

@@ -278,6 +278,16 @@ def test_demo_recipe_runs_and_evaluates(data_dir, tmp_path):
     assert last["eval/synthetic/mAP"] > 12
     assert any("train/loss_cff" in r for r in read_records(tmp_path / "metrics.jsonl"))
     assert list(tmp_path.glob("retrieval_synthetic_*.png")) and (tmp_path / "best" / "synthetic").exists()
+    # the run as `Encoder.load` reads it (config.json + checkpoint): the trained model's test feature
+    from reid_jax.inference import Encoder
+
+    images = np.random.default_rng(0).normal(size=(2, *c.model.image_size, 3)).astype(np.float32)
+    cams = np.array([0, 1], np.int32) if task.num_cameras else None
+    for path in (tmp_path, tmp_path / "best" / "synthetic"):
+        enc = Encoder.load(path)
+        assert (enc.kind, enc.image_size, enc.mean) == ("scgi", tuple(c.model.image_size), (0.5, 0.5, 0.5))
+        assert_close(enc.image_features(images, cams), model.image_features(jnp.asarray(images), cams), SAME_MATH,
+                     f"Encoder of {path.name}")
 
 
 # ------------------------------------------------------------------------------------- from a CLIP-ReID file
