@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -174,3 +175,27 @@ def test_a_run_is_an_init_checkpoint(data_dir, tmp_path):
     wider.model.overrides.embed_dim = 32
     with pytest.raises(ValueError, match=r"does not fit this model: .*visual\.proj: saved \[32, 24\], model \[32, 32\]"):
         weights.model_for(wider.model, wider.init_checkpoint, wider.seed)
+
+
+def test_start_epoch_runs_before_every_epoch_but_the_first_also_after_a_resume(data_dir, tmp_path):
+    """`task.start_epoch(ts, mesh)` (MUVA's memory rebuild) runs before the first step of epochs 2, 3, ...; what
+    it writes into the state is trained with; a run resumed from the checkpoint at an epoch's end runs it again."""
+    from reid_jax.train import tde_nam
+
+    calls = []
+
+    def run(epochs):
+        config = tiny_config(data_dir, epochs=epochs)
+        task = tde_nam.Task(config, tmp_path)
+
+        def start_epoch(ts, mesh):
+            calls.append(int(ts.optimizer.step[...]))
+            ts.model.logit_scale[...] = jnp.asarray(float(len(calls)))  # frozen in TDE: it keeps what was set
+        task.start_epoch = start_epoch
+        return loop.fit(config, tmp_path, task), task.steps_per_epoch
+
+    _, spe = run(1)
+    assert calls == []
+    model, _ = run(3)  # resumes at the end of epoch 1
+    assert calls == [spe, 2 * spe]
+    assert float(model.logit_scale[...]) == 2.0

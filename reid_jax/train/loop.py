@@ -7,6 +7,8 @@ A method supplies a *task* object:
   task.prepare(ts, mesh)                          optional: stages that run once before the first step and fill
                                                   buffers (MUVA's stage 1, SCGI's caption prototypes); a fresh
                                                   run saves step 0 after it, so a resumed run never repeats it
+  task.start_epoch(ts, mesh)                      optional: runs before the first step of every epoch after the
+                                                  first (MUVA rebuilds its identity memory), on the state
   task.train_stream(shard) -> grain.IterDataset   host batches
   task.train_step(ts, batch, rng) -> metrics      mutates `ts` (runs inside jit)
   task.evaluate(model, step, workdir, mesh) -> dict  {'eval/<dataset>/<metric>': value} (a `reid_jax.eval`
@@ -285,6 +287,11 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
                     evaluate(start, state, guard)
                 for step in range(start, total):
                     with guard():
+                        if step and step % spe == 0 and hasattr(task, "start_epoch"):
+                            # after the checkpoint of the epoch's end: a run resumed there redoes it
+                            ts = nnx.merge(graphdef, state)
+                            task.start_epoch(ts, mesh)
+                            state = jax.device_put(nnx.state(ts), shardings)
                         batch = mesh_lib.global_batch(next(iterator), mesh)
                         if step == start:
                             bar.write("compiling the training step...")
