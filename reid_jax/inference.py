@@ -68,7 +68,7 @@ class Encoder:
         size = None if image_size is None else tuple(int(s) for s in image_size)
         if path.is_dir() and (run := runs.checkpoints_dir(path)) is not None:
             return cls(_from_run(path, run, size, stride, camera_coefficient), path)
-        if path.is_file() and path.suffix != ".safetensors":
+        if path.is_file():
             module, state = released.read(path)
             if module is not None:
                 return cls(module.encoder(path, state, size, stride, camera_coefficient), path)
