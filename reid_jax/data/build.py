@@ -1,12 +1,12 @@
 """`python -m reid_jax.data.build NAME --data_dir=DIR [--manual_dir=DIR] [--config=NAME] [--skip_bad] [--force]`.
 
-Turns a dataset's raw download, in the layout its authors ship, into a TFDS dataset (array_record). Run again,
-it rebuilds only when the manual folder (file names, sizes, mtimes) or the options (--skip_bad, the contents of
---part_boxes, --captions and --part_masks; each --config has a folder of its own) differ from those of the build
-in --data_dir, and otherwise says that it reused that build; --force rebuilds regardless. The old dataset is replaced only once
-the new one is complete (data_builders/prepared.py). Path flags may hold `~` and `$VARS`. Bad input is one line
-`error: ...` on stderr, exit status 2 for a bad command line and 1 for anything else (a folder, a file, an item of
-the dataset).
+Turns a dataset's raw download, in the layout its authors ship, into a TFDS dataset (array_record). Run again, it
+rebuilds only when the manual folder (file names, sizes, mtimes) or the options (--skip_bad, the contents of
+--part_boxes, --captions and --part_masks; each --config has a folder of its own) differ from those of the build in
+--data_dir, and otherwise says that it reused that build; --force rebuilds regardless. The old dataset is replaced
+only once the new one is complete (data_builders/prepared.py). Path flags may hold `~` and `$VARS`. Bad input is one
+line `error: ...` on stderr, exit status 2 for a bad command line and 1 for anything else (a folder, a file, an item
+of the dataset).
 
 --part_masks=FILE.pkl keeps MUVA's released pseudo masks of the train split's images beside the build
 (`reid_jax.data.part_masks`); every training image must have one.

@@ -1,10 +1,10 @@
 """Image transforms of the papers' PyTorch pipelines, in numpy + PIL, with part boxes carried along.
 
-Training (IRRA / CLIP-ReID): resize (`train_interpolation`: bilinear for IRRA, bicubic for CLIP-ReID) -> flip p -> zero-pad `pad` + random crop back to size
--> to [0, 1] -> normalise (CLIP or 0.5 mean/std) -> random erasing p (area fraction and aspect ratio ranges,
-filled with a constant). Part boxes (normalised x0, y0, x1, y1; -1 = absent) follow every geometric step, so
-image and part masks are always flipped and cropped together (MUVA). Evaluation: resize (`test_interpolation`,
-bilinear for all three methods' code) + normalise only.
+Training (IRRA / CLIP-ReID): resize (`train_interpolation`: bilinear for IRRA, bicubic for CLIP-ReID) -> flip p ->
+zero-pad `pad` + random crop back to size -> to [0, 1] -> normalise (CLIP or 0.5 mean/std) -> random erasing p (area
+fraction and aspect ratio ranges, filled with a constant). Part boxes (normalised x0, y0, x1, y1; -1 = absent)
+follow every geometric step, so image and part masks are always flipped and cropped together (MUVA). Evaluation:
+resize (`test_interpolation`, bilinear for all three methods' code) + normalise only.
 
 Each function takes an explicit `np.random.Generator`, so a pipeline is deterministic given its seed no matter
 how many worker processes run it.

@@ -116,7 +116,8 @@ class Task:
         if config.cff.enabled and not config.cgi.enabled:
             raise errors.ConfigError("config.cff.enabled needs config.cgi.enabled: CFF fuses CGI's pseudo-words")
         if config.loss.i2t_mode not in ("prototypes", "batch"):
-            raise errors.ConfigError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got {config.loss.i2t_mode!r}")
+            raise errors.ConfigError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got "
+                                     f"{config.loss.i2t_mode!r}")
         self.data_dir = specs.data_dir(config, workdir)
         self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         self.num_classes = len(np.unique(self.index.pids))
@@ -257,6 +258,6 @@ class Task:
 
     def _check_cameras(self, spec, split: str, index) -> None:
         if self.num_cameras and index.camids.max() >= self.num_cameras:
-            raise errors.ConfigError(f"{spec.name}/{split} has camera ids up to {int(index.camids.max())} but the model's "
-                             f"camera embedding has {self.num_cameras} (the training set's); set "
-                             f"config.model.sie=False for sets with other cameras")
+            raise errors.ConfigError(f"{spec.name}/{split} has camera ids up to {int(index.camids.max())} but the "
+                                     f"model's camera embedding has {self.num_cameras} (the training set's); set "
+                                     f"config.model.sie=False for sets with other cameras")
