@@ -141,17 +141,17 @@ def _from_run(path: Path, directory: Path, size, stride, camera_coefficient) -> 
 def _scgi_model(directory: Path, config, size, stride, overrides, camera_coefficient):
     from reid_jax.models.clip_reid import CLIPReID
 
-    clip = runs.load(directory, size, stride, overrides)
+    arrays = runs.clip_arrays(directory)  # read once: the CLIP, the camera count and the rest come from it
+    clip = runs.load(directory, size, stride, overrides, arrays)
     num_cameras = 0
     if config.model.sie:  # the run's camera count is its embedding's row count
-        _, saved = runs.latest_arrays(directory)
-        num_cameras = next(v for k, v in saved.items() if k.endswith("cam_embed")).shape[0]
+        num_cameras = next(v for k, v in arrays[2].items() if k.endswith("cam_embed")).shape[0]
     elif camera_coefficient is not None:
         raise CheckpointError(f"{directory}: this run has no camera embedding (config.model.sie=False); drop "
                               f"camera_coefficient")
     coefficient = config.model.sie_coe if camera_coefficient is None else camera_coefficient
     model = CLIPReID(clip, num_cameras, coefficient, rngs=nnx.Rngs(0))
-    runs.load_module(model, directory)
+    runs.load_module(model, directory, arrays)
     return model, lambda m, images, camids: m.image_features(images, camids)
 
 
@@ -162,12 +162,13 @@ def _muva_model(directory: Path, config, size, stride, overrides, camera_coeffic
     if camera_coefficient is not None:
         raise CheckpointError(f"{directory}: a MUVA model has no camera embedding; drop camera_coefficient")
     m = config.muva
-    clip = runs.load(directory, size, stride, overrides)
-    model = muva_lib.MUVAModel(clip, rmp_config(m), rngs=nnx.Rngs(0))
-    runs.load_module(model, directory)
+    arrays = runs.clip_arrays(directory)
+    model = muva_lib.MUVAModel(runs.load(directory, size, stride, overrides, arrays), rmp_config(m),
+                               rngs=nnx.Rngs(0))
+    runs.load_module(model, directory, arrays)
     fixed = None  # the 'fixed bands' ablation runs with given masks instead of the RMP's
     if m.mask_mode == "fixed" and m.num_parts:
-        fixed = jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], clip.config.vision.grid))
+        fixed = jnp.asarray(muva_lib.band_masks(m.fixed_bands[: m.num_parts], model.clip.config.vision.grid))
 
     def image_fn(model, images, camids=None):
         masks = None if fixed is None else jnp.broadcast_to(fixed, (images.shape[0], *fixed.shape))

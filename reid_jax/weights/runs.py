@@ -45,8 +45,9 @@ def latest_arrays(directory: Path) -> tuple[int, dict[str, np.ndarray]]:
     return step, {k: np.asarray(v) for k, v in out.state.items()}
 
 
-def _clip_arrays(directory: Path) -> tuple[int, str, dict[str, np.ndarray]]:
-    """(step, prefix, {dotted name: array}) of the newest checkpoint; `prefix` is where its CLIP sits."""
+def clip_arrays(directory: Path) -> tuple[int, str, dict[str, np.ndarray]]:
+    """(step, prefix, {dotted name: array}) of the newest checkpoint; `prefix` is where its CLIP sits. `load` and
+    `load_module` take it as `arrays`, so that one read serves both."""
     step, saved = latest_arrays(directory)
     prefix = next((k[: -len(_ANCHOR)] for k in saved if k.endswith(_ANCHOR)), None)
     if prefix is None:
@@ -78,17 +79,18 @@ def load_into(clip: nnx.Module, directory: Path) -> int:
     """Copies the CLIP parameters of a reid-jax training checkpoint into `clip` (same architecture), whichever
     model held them. Part tokens (`visual.extra_tokens`) may be absent: they keep their values. Returns the step.
     """
-    step, prefix, saved = _clip_arrays(directory)
+    step, prefix, saved = clip_arrays(directory)
     params = dict(nnx.to_flat_state(nnx.state(clip, nnx.Param)))
     flat = _fit(directory, step, prefix, saved, {p: v[...].shape for p, v in params.items()}, _TRAINED_WITH)
     nnx.update(clip, nnx.State.from_flat_path(flat))
     return step
 
 
-def load_module(module: nnx.Module, directory: Path) -> int:
+def load_module(module: nnx.Module, directory: Path, arrays=None) -> int:
     """Copies every variable of a method's model (parameters and batch statistics; e.g. `CLIPReID`, `MUVAModel`,
-    holding its CLIP as `.clip`) from the newest checkpoint of a run that trained that model. Returns the step."""
-    step, prefix, saved = _clip_arrays(directory)
+    holding its CLIP as `.clip`) from the newest checkpoint of a run that trained that model (`arrays`: its
+    `clip_arrays`, when already read). Returns the step."""
+    step, prefix, saved = arrays or clip_arrays(directory)
     base = prefix[: -len("clip.")] if prefix.endswith("clip.") else prefix
     variables = dict(nnx.to_flat_state(nnx.state(module)))
     nnx.update(module, nnx.from_flat_state(_fit(directory, step, base, saved,
@@ -96,12 +98,13 @@ def load_module(module: nnx.Module, directory: Path) -> int:
     return step
 
 
-def load(directory: Path, image_size, stride: int, overrides: dict) -> CLIP:
+def load(directory: Path, image_size, stride: int, overrides: dict, arrays=None) -> CLIP:
     """A run's CLIP on its own. A run does not record its architecture: what the arrays' shapes tell is read from
     them (part tokens included), attention heads follow OpenAI's width / 64 rule and the rest are CLIPConfig
     defaults, each changed by `overrides`; `image_size` and `stride` must give the grid the run trained at
-    (a ReID grid is not square, so it cannot be resized from the arrays alone)."""
-    step, prefix, saved = _clip_arrays(directory)
+    (a ReID grid is not square, so it cannot be resized from the arrays alone). `arrays`: the run's
+    `clip_arrays`, when already read."""
+    step, prefix, saved = arrays or clip_arrays(directory)
     ours = {}  # {parameter path: array} of the CLIP
     for name, value in saved.items():
         path = tuple(int(p) if p.isdigit() else p for p in name[len(prefix):].split("."))
