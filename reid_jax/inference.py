@@ -19,6 +19,7 @@ TDE+NAM; ln_post(CLS) ++ its projection for CLIP-ReID and CLIP-SCGI; MUVA's BNNe
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,10 +43,14 @@ RUN_CONFIG = "config.json"  # written into a training run's workdir by `reid_jax
 class Encoder:
     """A loaded model's test-time features. Build with `Encoder.load`."""
 
-    def __init__(self, loaded: Loaded, source: Path):
+    def __init__(self, loaded: Loaded, source: Path, dtype: str = "float32"):
         self.kind, self.model, self.source = loaded.kind, loaded.model, source
         self.image_size, self.mean, self.std = tuple(loaded.image_size), loaded.mean, loaded.std
         self.info = loaded.info
+        # The test resize: the run's config where it records one; bilinear in the three methods' test code,
+        # bicubic in CLIP's own preprocessing.
+        self.interpolation = loaded.info.get("interpolation", "bicubic" if loaded.kind == "clip" else "bilinear")
+        self.dtype = _compute_dtype(loaded.model, dtype)
         graphdef, state = nnx.split(loaded.model)
         self._image = jax.jit(lambda s, images, camids: loaded.image_fn(nnx.merge(graphdef, s), images, camids))
         self._text = (None if loaded.text_fn is None else
@@ -56,10 +61,12 @@ class Encoder:
         return f"Encoder(kind={self.kind!r}, image_size={self.image_size}, source={str(self.source)!r})"
 
     @classmethod
-    def load(cls, path, image_size=None, stride=None, camera_coefficient=None) -> Encoder:
+    def load(cls, path, image_size=None, stride=None, camera_coefficient=None, dtype="float32") -> Encoder:
         """The model at `path` (see the module docstring). `image_size` (H, W) and `stride`: the input the model
         runs at (None = as trained; the position grid is resized otherwise); `camera_coefficient`: the weight of
-        a camera embedding (SIE), where the model has one and the file does not record it."""
+        a camera embedding (SIE), where the model has one and the file does not record it; `dtype`: the compute
+        dtype of its matrix products ('float32', 'bfloat16', or 'auto' = bfloat16 on GPU / TPU, float32 on CPU;
+        parameters and normalisation layers stay float32)."""
         path = expand_path(path)
         if path is None or not path.exists():
             raise CheckpointError(f"{path}: no such file or folder; expected a reid-jax workdir, checkpoints/ or "
@@ -67,12 +74,12 @@ class Encoder:
                                   f"released checkpoint (IRRA, MLLM4Text-ReID, CLIP-ReID, MUVA)")
         size = None if image_size is None else tuple(int(s) for s in image_size)
         if path.is_dir() and (run := runs.checkpoints_dir(path)) is not None:
-            return cls(_from_run(path, run, size, stride, camera_coefficient), path)
+            return cls(_from_run(path, run, size, stride, camera_coefficient), path, dtype)
         if path.is_file():
             module, state = released.read(path)
             if module is not None:
-                return cls(module.encoder(path, state, size, stride, camera_coefficient), path)
-        return cls(_from_clip(path, size, stride, camera_coefficient), path)
+                return cls(module.encoder(path, state, size, stride, camera_coefficient), path, dtype)
+        return cls(_from_clip(path, size, stride, camera_coefficient), path, dtype)
 
     def image_features(self, images, camids=None) -> np.ndarray:
         """float32 [B, H, W, 3] (normalised with `mean` / `std`), optional int camera ids [B] -> float32 [B, D]."""
@@ -83,11 +90,45 @@ class Encoder:
         cams = None if camids is None else jnp.asarray(np.asarray(camids, np.int32).reshape(len(images)))
         return np.asarray(self._image(self._state, jnp.asarray(images), cams), np.float32)
 
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [h, w, 3] RGB -> float32 [H, W, 3]: the model's test transform (resize, then normalise)."""
+        image = transforms.resize(transforms.check_rgb(image), self.image_size, self.interpolation)
+        return (image.astype(np.float32) / 255.0 - np.float32(self.mean)) / np.float32(self.std)
+
+    def image_features_on_device(self, images: jax.Array, camids: jax.Array | None = None) -> jax.Array:
+        """`image_features` without the host round trip: jax arrays in (sharded as the caller likes), jax out."""
+        return self._image(self._state, images, camids)
+
+    @property
+    def has_text(self) -> bool:
+        return self._text is not None
+
+    def digest(self) -> str:
+        """A hash of every parameter and buffer: two Encoders with equal digests compute the same features."""
+        h = hashlib.blake2b(digest_size=16)
+        for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(self._state), key=lambda kv: str(kv[0])):
+            h.update(str(path).encode())
+            h.update(np.ascontiguousarray(leaf).tobytes())
+        return h.hexdigest()
+
     def text_features(self, ids) -> np.ndarray:
         """int32 [B, L] token ids (OpenAI's layout: SOT ... EOT, zero padded) -> float32 [B, E]."""
         if self._text is None:
             raise ValueError(f"this {self.kind} model ({self.source}) encodes images only: it has no text features")
         return np.asarray(self._text(self._state, jnp.asarray(np.asarray(ids, np.int32))), np.float32)
+
+
+def _compute_dtype(model: nnx.Module, dtype: str) -> str:
+    """Sets the compute dtype of every dense layer and of the modules that cast to it; LayerNorm and BatchNorm keep
+    float32 (as the models run them in training). Returns the dtype chosen."""
+    if dtype == "auto":
+        dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'auto', got {dtype!r}")
+    for _, module in model.iter_modules():
+        if hasattr(module, "dtype") and not isinstance(module, (nnx.LayerNorm, nnx.BatchNorm)):
+            module.dtype = jnp.dtype(dtype)
+    return dtype
 
 
 # --------------------------------------------------------------------------------------------- CLIP weights
@@ -124,18 +165,19 @@ def _from_run(path: Path, directory: Path, size, stride, camera_coefficient) -> 
     stride = stride or model_cfg.stride
     overrides = {**model_cfg.get("overrides", {}), "dtype": "float32"}
     mean, std = transforms.MEANS_STDS[config.data.aug.mean_std]
+    info = {"stride": stride, "run": str(directory), "interpolation": config.data.aug.test_interpolation}
     if config.method == "tde_nam":
         if camera_coefficient is not None:
             raise CheckpointError(f"{path}: a TDE+NAM model has no camera embedding; drop camera_coefficient")
         clip = runs.load(directory, size, stride, overrides)
         return Loaded("tde_nam", clip, lambda m, images, camids=None: m.image_features(images),
-                      lambda m, ids: m.text_features(ids), size, mean, std, {"stride": stride, "run": str(directory)})
+                      lambda m, ids: m.text_features(ids), size, mean, std, info)
     method = _RUN_MODELS.get(config.method)
     if method is None:
         raise CheckpointError(f"{path}: {RUN_CONFIG} names method {config.method!r}; expected one of "
                               f"{', '.join(['tde_nam', *_RUN_MODELS])}")
     model, image_fn = method(directory, config, size, stride, overrides, camera_coefficient)
-    return Loaded(config.method, model, image_fn, None, size, mean, std, {"stride": stride, "run": str(directory)})
+    return Loaded(config.method, model, image_fn, None, size, mean, std, info)
 
 
 def _scgi_model(directory: Path, config, size, stride, overrides, camera_coefficient):

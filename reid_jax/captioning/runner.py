@@ -141,7 +141,7 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[i:i + size])
 
 
-class _Progress:
+class Progress:
     """tqdm on a terminal (rate and ETA); a log line every `period` s otherwise (files, job schedulers)."""
 
     def __init__(self, total: int, desc: str, period: float):
@@ -201,7 +201,7 @@ def run(images: str | Path, out: str | Path, job: Callable[[list[str]], list[Out
 def _loop(todo: list[str], job, writer: store.JsonlWriter, fail_writer: store.JsonlWriter, cfg: RunConfig,
           batch: int, desc: str) -> collections.Counter:
     counts, streak = collections.Counter(), 0
-    progress = _Progress(len(todo), desc, cfg.log_seconds)
+    progress = Progress(len(todo), desc, cfg.log_seconds)
     jobs = _chunks(todo, batch)
     pool = cf.ThreadPoolExecutor(max(1, cfg.concurrency), thread_name_prefix="caption")
     in_flight: set[cf.Future] = set()
