@@ -51,6 +51,8 @@ def evaluate(config, data_dir: Path, encode, step: int, workdir: Path, mesh, che
                                    distances=dist)
             results.update({f"eval/{label}/{k}": v for k, v in m.items() if k not in ("cmc", "num_queries")})
         if jax.process_index() == 0 and config.eval.png_queries:
+            cosine = {k.rsplit("/", 1)[1]: v for k, v in results.items() if k.startswith(f"eval/{spec.label}/")}
             pictures.image_retrieval_png(Path(workdir) / f"retrieval_{spec.label}_{step}.png", q["source"],
-                                         g["source"], q, g, config.eval.png_queries)
+                                         g["source"], q, g, config.eval.png_queries,
+                                         title=pictures.metrics_title(spec.label, step, cosine))
     return results

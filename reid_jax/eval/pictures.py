@@ -1,22 +1,22 @@
-"""Retrieval examples as a picture: caption or image queries with their top-10 gallery images, correct ones framed
-green, wrong ones red (`WORKDIR/retrieval_<dataset>_<step>.png`)."""
+"""Retrieval examples as a picture (`WORKDIR/retrieval_<dataset>_<step>.png`): caption or image queries with their
+top-10 gallery images, each with its rank and cosine similarity, framed green (the query's identity) or red, and
+the query's true match after them when it is not in the top 10; the step and the metrics in the title. Drawn by
+`sheet.contact_sheet`."""
 
 from __future__ import annotations
 
-import textwrap
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from reid_jax import files, losses
+from reid_jax import losses
 from reid_jax.data import pipeline
 from reid_jax.data.records import as_str
+from reid_jax.eval import sheet
 
-THUMB = (96, 48)  # (H, W) of a gallery thumbnail
-TEXT_W = 260
-BORDER = 3
 TOP_K = 10
 
 
@@ -26,52 +26,80 @@ def _cosine(q: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.asarray(q @ g.T)
 
 
-def _canvas(num_rows: int, left_w: int) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
-    row_h = THUMB[0] + 2 * BORDER + 8
-    canvas = Image.new("RGB", (left_w + TOP_K * (THUMB[1] + 2 * BORDER + 4), row_h * num_rows), "white")
-    return canvas, ImageDraw.Draw(canvas), row_h
+def _image(source, record) -> Image.Image:
+    return Image.fromarray(np.asarray(source[int(record)]["image"]))
 
 
-def _thumb(source, record: int) -> Image.Image:
-    return Image.fromarray(np.asarray(source[int(record)]["image"])).resize(THUMB[::-1])
+def _queries(num: int, num_queries: int) -> np.ndarray:
+    """`num_queries` query positions spread evenly over the `num` queries, first and last included."""
+    return np.linspace(0, num - 1, min(num_queries, num)).astype(int)
 
 
-def _ranked_row(canvas, draw, y: int, left_w: int, sims: np.ndarray, gallery_source, img: dict, pid: int) -> None:
-    """The top-10 gallery images of one query, framed green (same pid) or red."""
-    for k, g in enumerate(np.argsort(-sims, kind="stable")[:TOP_K]):
-        colour = "green" if img["pid"][g] == pid else "red"
-        x = left_w + k * (THUMB[1] + 2 * BORDER + 4)
-        draw.rectangle([x, y, x + THUMB[1] + 2 * BORDER - 1, y + THUMB[0] + 2 * BORDER - 1], fill=colour)
-        canvas.paste(_thumb(gallery_source, img["image_index"][g]), (x + BORDER, y + BORDER))
+def ranked_hits(sims: np.ndarray, correct: np.ndarray, counts: np.ndarray, image: Callable[[int], Image.Image],
+                top_k: int = TOP_K) -> tuple[list[sheet.Hit], sheet.Hit | None]:
+    """One query's top-k gallery items and, when none of them is correct, its true match (the first correct item).
+
+    sims [G]: similarities; correct [G]: same identity; counts [G]: False for the items the protocol leaves out
+    (ranks count only the others, as in `metrics`); image(g): gallery item g's picture. Ties keep gallery order.
+    """
+    order = np.argsort(-sims, kind="stable")
+    order = order[counts[order]]
+
+    def hit(rank: int) -> sheet.Hit:
+        g = int(order[rank])
+        return sheet.Hit(image(g), float(sims[g]), rank + 1, bool(correct[g]))
+
+    hits = [hit(r) for r in range(min(top_k, len(order)))]
+    first = np.flatnonzero(correct[order])
+    return hits, (hit(int(first[0])) if len(first) and first[0] >= top_k else None)
 
 
-def _save(canvas: Image.Image, path: Path) -> None:
-    files.write_atomically(path, canvas.save)
-
-
-def retrieval_png(path: Path, source, captions_source, index, txt: dict, img: dict, num_queries: int) -> None:
-    """txt / img: evaluation features {'feats', 'pid', 'image_index'} in stream order."""
+def text_rows(source, captions_source, index, txt: dict, img: dict, num_queries: int,
+              top_k: int = TOP_K) -> list[sheet.Row]:
+    """Rows of caption queries spread over the test set. txt / img: evaluation features {'feats', 'pid',
+    'image_index'} in stream order (captions in `pipeline.caption_examples(..., 'all')` order)."""
     records, caption_ids = pipeline.caption_examples(index.num_captions, np.arange(len(index)), "all")
-    queries = np.linspace(0, len(txt["feats"]) - 1, num_queries).astype(int)
+    queries = _queries(len(txt["feats"]), num_queries)
     sims = _cosine(txt["feats"][queries], img["feats"])
-    canvas, draw, row_h = _canvas(len(queries), TEXT_W)
-    for row, (q, s) in enumerate(zip(queries, sims)):
+    rows = []
+    for q, s in zip(queries, sims):
         caption = as_str(captions_source[int(records[q])]["captions"][int(caption_ids[q])])
-        draw.multiline_text((4, row * row_h + 4), "\n".join(textwrap.wrap(caption, 42)[:7]), fill="black")
-        _ranked_row(canvas, draw, row * row_h + 4, TEXT_W, s, source, img, txt["pid"][q])
-    _save(canvas, path)
+        hits, true = ranked_hits(s, img["pid"] == txt["pid"][q], np.ones(len(s), bool),
+                                 lambda g: _image(source, img["image_index"][g]), top_k)
+        rows.append(sheet.Row(caption, hits, true))
+    return rows
 
 
-def image_retrieval_png(path: Path, query_source, gallery_source, q: dict, g: dict, num_queries: int) -> None:
-    """Image queries (left) with their top-10 gallery images; gallery images of the query's identity seen by the
+def image_rows(query_source, gallery_source, q: dict, g: dict, num_queries: int,
+               top_k: int = TOP_K) -> list[sheet.Row]:
+    """Rows of image queries spread over the query split; gallery images of the query's identity seen by the
     query's camera are left out, as the Market-1501 protocol does. q / g: {'feats', 'pid', 'camid', 'image_index'}."""
-    queries = np.linspace(0, len(q["feats"]) - 1, num_queries).astype(int)
+    queries = _queries(len(q["feats"]), num_queries)
     sims = _cosine(q["feats"][queries], g["feats"])
-    left_w = THUMB[1] + 4 * BORDER + 8
-    canvas, draw, row_h = _canvas(len(queries), left_w)
-    for row, (i, s) in enumerate(zip(queries, sims)):
-        junk = (g["pid"] == q["pid"][i]) & (g["camid"] == q["camid"][i])
-        canvas.paste(_thumb(query_source, q["image_index"][i]), (BORDER, row * row_h + 4 + BORDER))
-        _ranked_row(canvas, draw, row * row_h + 4, left_w, np.where(junk, -np.inf, s), gallery_source, g,
-                    q["pid"][i])
-    _save(canvas, path)
+    rows = []
+    for i, s in zip(queries, sims):
+        same = g["pid"] == q["pid"][i]
+        hits, true = ranked_hits(s, same, ~(same & (g["camid"] == q["camid"][i])),
+                                 lambda k: _image(gallery_source, g["image_index"][k]), top_k)
+        rows.append(sheet.Row(_image(query_source, q["image_index"][i]), hits, true))
+    return rows
+
+
+def metrics_title(label: str, step: int, metrics: Mapping[str, float]) -> str:
+    """'<label>, step <step>: R1 52.3, mAP 41.0, ... (<n> queries)' from the metrics (percent) in the order given;
+    lists (a CMC curve) are left out."""
+    values = [f"{k} {v:.1f}" for k, v in metrics.items() if k != "num_queries" and isinstance(v, (int, float))]
+    count = f" ({metrics['num_queries']} queries)" if "num_queries" in metrics else ""
+    return f"{label}, step {step}: " + ", ".join(values) + count
+
+
+def retrieval_png(path: Path, source, captions_source, index, txt: dict, img: dict, num_queries: int,
+                  title: str | None = None) -> None:
+    """Caption queries' rankings (see `text_rows`) written to `path`."""
+    sheet.save_sheet(path, text_rows(source, captions_source, index, txt, img, num_queries), title)
+
+
+def image_retrieval_png(path: Path, query_source, gallery_source, q: dict, g: dict, num_queries: int,
+                        title: str | None = None) -> None:
+    """Image queries' rankings (see `image_rows`) written to `path`."""
+    sheet.save_sheet(path, image_rows(query_source, gallery_source, q, g, num_queries), title)

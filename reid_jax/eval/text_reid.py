@@ -37,5 +37,5 @@ def evaluate(config, data_dir: Path, model, step: int, workdir: Path, mesh) -> d
         results.update({f"eval/{name}/{k}": v for k, v in m.items() if k != "num_queries"})
         if jax.process_index() == 0 and config.eval.png_queries:
             pictures.retrieval_png(Path(workdir) / f"retrieval_{name}_{step}.png", source, captions, index, txt, img,
-                                   config.eval.png_queries)
+                                   config.eval.png_queries, title=pictures.metrics_title(name, step, m))
     return results
