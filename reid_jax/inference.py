@@ -51,6 +51,8 @@ class Encoder:
         # bicubic in CLIP's own preprocessing.
         self.interpolation = loaded.info.get("interpolation", "bicubic" if loaded.kind == "clip" else "bilinear")
         self.dtype = _compute_dtype(loaded.model, dtype)
+        # SIE: the image feature adds its camera's embedding, so it needs each image's camera id
+        self.num_cameras = int(loaded.model.cam_embed.shape[0]) if getattr(loaded.model, "use_cameras", 0) else 0
         graphdef, state = nnx.split(loaded.model)
         self._image = jax.jit(lambda s, images, camids: loaded.image_fn(nnx.merge(graphdef, s), images, camids))
         self._text = (None if loaded.text_fn is None else
@@ -125,7 +127,7 @@ def _compute_dtype(model: nnx.Module, dtype: str) -> str:
         dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'auto', got {dtype!r}")
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if hasattr(module, "dtype") and not isinstance(module, (nnx.LayerNorm, nnx.BatchNorm)):
             module.dtype = jnp.dtype(dtype)
     return dtype

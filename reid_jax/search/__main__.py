@@ -84,13 +84,13 @@ def _query(args) -> int:
 def _sheet(idx, hits, args) -> None:
     from PIL import Image
 
-    from reid_jax.eval import pictures
+    from reid_jax.eval import sheet
     from reid_jax.search import images
 
     query = args.text if args.text is not None else Image.fromarray(images.load(expand_path(args.image)))
-    row = pictures.Row(query, [pictures.Hit(Image.open(idx.root / h.path), h.score, h.rank, None, h.path)
+    row = sheet.Row(query, [sheet.Hit(Image.open(idx.root / h.path), h.score, h.rank, None, h.path)
                                for h in hits])
-    pictures.save_sheet(expand_path(args.sheet), [row], title=f"{idx.out}: {len(idx)} images, model {idx.kind}")
+    sheet.save_sheet(expand_path(args.sheet), [row], title=f"{idx.out}: {len(idx)} images, model {idx.kind}")
 
 
 def main(argv=None) -> int:

@@ -69,9 +69,19 @@ def _check_same_model(out: Path, stored: dict, mine: dict) -> None:
 
 
 def _feature_dim(encoder: Encoder) -> int:
-    probe = np.zeros((1, *encoder.image_size, 3), np.float32)
-    return int(jax.eval_shape(encoder.image_features_on_device, jax.ShapeDtypeStruct(probe.shape, jnp.float32),
-                              None).shape[-1])
+    images = jax.ShapeDtypeStruct((1, *encoder.image_size, 3), jnp.float32)
+    camids = jax.ShapeDtypeStruct((1,), jnp.int32) if encoder.num_cameras else None
+    return int(jax.eval_shape(encoder.image_features_on_device, images, camids).shape[-1])
+
+
+def _check_camid(encoder: Encoder, camid, what: str) -> None:
+    if encoder.num_cameras and camid is None:
+        raise UserError(f"{encoder.source} ({encoder.kind}) adds a camera embedding ({encoder.num_cameras} cameras) "
+                        f"to every image feature: pass {what}")
+    if camid is not None and not encoder.num_cameras:
+        warn(f"{encoder.source} ({encoder.kind}) has no camera embedding: the camera ids are not used")
+    if isinstance(camid, int) and encoder.num_cameras and not 0 <= camid < encoder.num_cameras:
+        raise UserError(f"--camid {camid}: expected 0 .. {encoder.num_cameras - 1} for this model's cameras")
 
 
 # ------------------------------------------------------------------------------------------------- indexing
@@ -126,7 +136,8 @@ class _Batcher:
 def _encode_fn(encoder: Encoder, batch: int):
     """A jitted function: float32 [batch, H, W, 3] (+ camids) -> float16 [batch, D] unit rows, batch split over
     the local devices."""
-    mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices())
+    mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
+                         axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
 
     @jax.jit
@@ -165,6 +176,10 @@ def build(model, images, out, camids=None, cfg: BuildConfig = BuildConfig(), enc
         raise IndexError_(f"--index {out}: a file, not a folder; pass a new or existing index folder")
     with store.locked(out):
         encoder = encoder or Encoder.load(model_path, dtype=cfg.dtype)
+        _check_camid(encoder, cam_table, "each image's camera id with --camids FILE")
+        if cam_table and encoder.num_cameras and (bad := {c for c in cam_table.values()
+                                                          if not 0 <= c < encoder.num_cameras}):
+            raise UserError(f"--camids {camids}: camera ids {sorted(bad)[:5]} outside 0 .. {encoder.num_cameras - 1}")
         dim = _feature_dim(encoder)
         identity = model_identity(encoder, model_path, dim)
         if (out / store.MODEL).exists():
@@ -294,6 +309,7 @@ class Index:
                                 f"a TDE+NAM run) for text queries")
             feats = self.encoder.text_features(tokenizer.tokenize(text))
         else:
+            _check_camid(self.encoder, camid, "the query image's camera id (--camid C)")
             x = self.encoder.preprocess(images_lib.load(image))[None]
             feats = self.encoder.image_features(x, None if camid is None else [camid])
         return np.asarray(losses.l2_normalize(jnp.asarray(feats[0], jnp.float32)))
