@@ -318,6 +318,8 @@ def main(argv=None) -> None:
     dat.add_argument("--warmup", type=int, default=3)
     dat.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     dat.set_defaults(fn=bench_data)
+    from reid_jax.search import bench as search_bench
+    search_bench.add_parsers(sub, _hw)
     args = parser.parse_args(argv)
     args.fn(args)
 

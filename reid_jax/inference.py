@@ -58,6 +58,8 @@ class Encoder:
         self._text = (None if loaded.text_fn is None else
                       jax.jit(lambda s, ids: loaded.text_fn(nnx.merge(graphdef, s), ids)))
         self._state = state
+        # Text models are CLIPs (plain or TDE+NAM): their ids are [B, context_length]
+        self.context_length = loaded.model.config.text.context_length if self._text is not None else None
 
     def __repr__(self) -> str:
         return f"Encoder(kind={self.kind!r}, image_size={self.image_size}, source={str(self.source)!r})"

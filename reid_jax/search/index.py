@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -133,9 +134,14 @@ class _Batcher:
         self.pool.shutdown(cancel_futures=True)
 
 
-def _encode_fn(encoder: Encoder, batch: int):
-    """A jitted function: float32 [batch, H, W, 3] (+ camids) -> float16 [batch, D] unit rows, batch split over
-    the local devices."""
+_ENCODE_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Encoder -> its jitted step (compiled once)
+
+
+def _encode_fn(encoder: Encoder):
+    """A jitted function: float32 [B, H, W, 3] (+ camids) -> float16 [B, D] unit rows, B split over the local
+    devices."""
+    if encoder in _ENCODE_FNS:
+        return _ENCODE_FNS[encoder]
     mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
                          axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
@@ -149,6 +155,7 @@ def _encode_fn(encoder: Encoder, batch: int):
         cams = None if camids is None else jax.device_put(camids, sharding)
         return encode(jax.device_put(images, sharding), cams)
 
+    _ENCODE_FNS[encoder] = run
     return run
 
 
@@ -161,7 +168,8 @@ def _todo(listed: dict[str, tuple[int, int]], committed: store.Rows, parts: stor
 
 def build(model, images, out, camids=None, cfg: BuildConfig = BuildConfig(), encoder: Encoder | None = None) -> dict:
     """Indexes every image under `images` into the folder `out` with the model at `model` (anything
-    `Encoder.load` reads); returns a summary {images, encoded, kept, removed, skipped, seconds, images_per_s}."""
+    `Encoder.load` reads); returns a summary {images, encoded, kept, removed, skipped, indexed, seconds,
+    encode_seconds (reading, decoding, encoding and writing the batches), images_per_s (of those)}."""
     t0 = time.monotonic()
     model_path, root, out = expand_path(model), expand_path(images), expand_path(out)
     names, others = images_lib.scan_images(root)
@@ -195,7 +203,9 @@ def build(model, images, out, camids=None, cfg: BuildConfig = BuildConfig(), enc
         listed = {n: _stat(root / n) for n in names}
         todo = _todo(listed, committed, parts)
         logging.info("index %s: %d images, %d to encode", out, len(names), len(todo))
+        t_encode = time.monotonic()
         skipped = _encode_all(encoder, root, out, todo, listed, cam_table, cfg)
+        t_encode = time.monotonic() - t_encode
         fresh = store.read_parts(out, dim)  # this run's batches and those of a killed run
         merged = store.merge(committed, fresh, listed, dim)
         if meta is None or fresh.paths or merged.paths != committed.paths:
@@ -204,7 +214,8 @@ def build(model, images, out, camids=None, cfg: BuildConfig = BuildConfig(), enc
     seconds = time.monotonic() - t0
     summary = {"images": len(names), "encoded": len(todo) - len(skipped), "kept": len(names) - len(todo),
                "removed": len(set(committed.paths) - set(listed)), "skipped": len(skipped),
-               "indexed": len(merged.paths), "seconds": round(seconds, 3)}
+               "indexed": len(merged.paths), "seconds": round(seconds, 3), "encode_seconds": round(t_encode, 3),
+               "images_per_s": round(len(todo) / t_encode, 2) if todo else None}
     if skipped:
         warn(f"skipped {len(skipped)} file(s) that are not readable images, e.g. {skipped[0][0]} ({skipped[0][1]}); "
              f"the list: {out / store.SKIPPED}")
@@ -222,7 +233,7 @@ def _encode_all(encoder: Encoder, root: Path, out: Path, todo: list[str], listed
         return []
     devices = jax.local_device_count()
     batch = -(-cfg.batch // devices) * devices
-    encode = _encode_fn(encoder, batch)
+    encode = _encode_fn(encoder)
     batcher = _Batcher(encoder, root, cfg.workers)
     progress = Progress(len(todo), "index", cfg.log_seconds)
     skipped = []
@@ -307,7 +318,7 @@ class Index:
                 raise UserError(f"this index's model ({self.kind}, {self.model_info['source']}) encodes images only: "
                                 f"ask it with an image query (--image), or index with a text-image model (a CLIP or "
                                 f"a TDE+NAM run) for text queries")
-            feats = self.encoder.text_features(tokenizer.tokenize(text))
+            feats = self.encoder.text_features(tokenizer.tokenize(text, self.encoder.context_length))
         else:
             _check_camid(self.encoder, camid, "the query image's camera id (--camid C)")
             x = self.encoder.preprocess(images_lib.load(image))[None]

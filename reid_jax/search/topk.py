@@ -37,6 +37,19 @@ def _merge_chunk(rows, queries, valid, offset, best_scores, best_ids, k: int):
     return top, jnp.take_along_axis(both_ids, where, axis=1)
 
 
+def _rows(feats: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """feats[start:stop] as float16. From a memory map, the rows are read from its file instead: pages touched
+    through a map stay in the process's resident memory, which would then grow to the whole gallery."""
+    if isinstance(feats, np.memmap) and feats.filename is not None and feats.flags.c_contiguous:
+        stop = min(stop, len(feats))
+        row = feats.dtype.itemsize * int(np.prod(feats.shape[1:]))
+        with open(feats.filename, "rb") as f:
+            f.seek(feats.offset + start * row)
+            block = np.fromfile(f, feats.dtype, (stop - start) * row // feats.dtype.itemsize)
+        return block.reshape(stop - start, *feats.shape[1:]).astype(np.float16, copy=False)
+    return np.asarray(feats[start:stop], np.float16)
+
+
 def top_k(feats: np.ndarray, queries: np.ndarray, k: int, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """feats [N, D] (float16 or float32, possibly a memory map), queries [Q, D] -> (scores float32 [Q, k'],
     rows int32 [Q, k']), k' = min(k, N), best first (scores are inner products: cosines for unit rows)."""
@@ -49,7 +62,7 @@ def top_k(feats: np.ndarray, queries: np.ndarray, k: int, chunk: int = CHUNK) ->
     best = (jnp.full((len(queries), k), -jnp.inf, jnp.float32), jnp.full((len(queries), k), -1, jnp.int32))
 
     def read(start: int) -> np.ndarray:
-        block = np.asarray(feats[start:start + chunk], np.float16)
+        block = _rows(feats, start, start + chunk)
         return block if len(block) == chunk else np.pad(block, ((0, chunk - len(block)), (0, 0)))
 
     with cf.ThreadPoolExecutor(1) as pool:
@@ -77,7 +90,7 @@ def faiss_top_k(feats: np.ndarray, queries: np.ndarray, k: int, cache: Path | No
     else:
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
         for start in range(0, n, CHUNK):
-            index.add(np.asarray(feats[start:start + CHUNK], np.float32))
+            index.add(_rows(feats, start, start + CHUNK).astype(np.float32))
         if cache is not None:
             from reid_jax import files
             files.write_atomically(cache, lambda tmp: faiss.write_index(index, str(tmp)))
