@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reid_jax import convert, tokenizer
+from reid_jax import convert, data, tokenizer
+from reid_jax.eval import sheet
 from reid_jax.inference import Encoder
 from reid_jax.search import Index, __main__ as cli, build, store, topk
 from tests import torch_clip_reid, torch_refs
@@ -225,8 +226,33 @@ def test_command_line(model, tmp_path, capsys):
     hits = Index.open(tmp_path / "idx").query(image=gal / names[2], top=3)
     assert [(d["rank"], d["path"]) for d in lines] == [(h.rank, h.path) for h in hits]
     assert lines[0]["file"] == str((gal / names[2]).resolve())
+    sheet_png = tmp_path / "sheet.png"
+    assert cli.main(["query", "--index", str(tmp_path / "idx"), "--text", "a man", "--top", "4", "--sheet",
+                     str(sheet_png)]) == 0
+    hits = Index.open(tmp_path / "idx").query(text="a man", top=4)
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(int(r), p) for r, _, p in printed] == [(h.rank, h.path) for h in hits]
+    rows = [sheet.Row("a man", [sheet.Hit(Image.open(gal / h.path), h.score, h.rank, None, h.path) for h in hits])]
+    expected = sheet.contact_sheet(rows, title=f"{tmp_path / 'idx'}: 5 images, model clip")
+    np.testing.assert_array_equal(np.asarray(Image.open(sheet_png)), np.asarray(expected))
     assert cli.main(["query", "--index", str(tmp_path / "idx"), "--image", str(tmp_path / "nope.jpg")]) == 1
     assert "nope.jpg: cannot read it" in capsys.readouterr().err
     assert cli.main(["index", "--model", str(model), "--images", str(tmp_path / "none"), "--index",
                      str(tmp_path / "i2")]) == 1
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_a_built_split_written_as_files(data_dir, tmp_path, capsys):
+    out = tmp_path / "photos"
+    assert cli.main(["images", "--dataset", "synthetic_pedestrians/small", "--split", "test", "--data_dir",
+                     str(data_dir), "--out", str(out), "--limit", "7"]) == 0
+    source = data.load_source("synthetic_pedestrians", "test", data_dir, "small")
+    cams = dict(line.split(",") for line in (out / "camids.csv").read_text().splitlines())
+    assert len(cams) == 7
+    for i in range(7):
+        rel = source[i]["file_name"].decode()
+        np.testing.assert_array_equal(np.asarray(Image.open(out / rel).convert("RGB")), source[i]["image"])
+        assert int(cams[rel]) == max(int(source[i]["camid"]), 0)
+    assert cli.main(["images", "--dataset", "nope", "--split", "test", "--data_dir", str(data_dir), "--out",
+                     str(out)]) == 1
+    assert "nope" in capsys.readouterr().err

@@ -4,7 +4,9 @@
     python -m reid_jax.search query --index OUT (--text "..." | --image q.jpg [--camid C]) [--top K] [--json]
                                     [--sheet result.png] [--backend jax|faiss] [--model PATH]
     python -m reid_jax.search serve --index OUT [--host 127.0.0.1 --port 8000]
+    python -m reid_jax.search images --dataset NAME[/CONFIG] --split S --data_dir D --out DIR [--limit N]
 
+`images` writes a built dataset's split as image files (with camids.csv), to try search without photos of one's own.
 `index` encodes only what changed since the last run (new or modified files; removed ones are dropped) and may be
 killed at any time: rerun it. `query` prints `rank score path` lines, or JSON lines with --json.
 """
@@ -48,7 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--index", required=True)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+
+    im = sub.add_parser("images", help="write a built dataset's split as image files (to try search)")
+    im.add_argument("--dataset", required=True, help="NAME or NAME/CONFIG, e.g. synthetic_pedestrians/demo")
+    im.add_argument("--split", default="test")
+    im.add_argument("--data_dir", required=True)
+    im.add_argument("--out", required=True)
+    im.add_argument("--limit", type=int, default=None, help="the first N images only")
     return parser
+
+
+def _images(args) -> int:
+    from reid_jax.search import images
+
+    name, _, config = args.dataset.partition("/")
+    n = images.write_split(name, args.split, args.data_dir, args.out, config or None, args.limit)
+    print(f"{n} images of {args.dataset} split {args.split!r} in {args.out} (camera ids: {args.out}/camids.csv)")
+    return 0
 
 
 def _index(args) -> int:
@@ -103,7 +121,7 @@ def main(argv=None) -> int:
             from reid_jax.search import serve
 
             return serve.main(args.index, args.host, args.port)
-        return {"index": _index, "query": _query}[args.command](args)
+        return {"index": _index, "query": _query, "images": _images}[args.command](args)
     except UserError as e:
         return report(e)
 
