@@ -16,6 +16,7 @@ BUILDERS = {
     "msmt17": "data_builders.msmt17:Msmt17",
     "cuhk03_np": "data_builders.cuhk03_np:Cuhk03Np",
     "synthetic_pedestrians": "data_builders.synthetic_pedestrians:SyntheticPedestrians",
+    "manifest": "data_builders.manifest:Manifest",  # your own dataset; its name is the config
 }
 
 
