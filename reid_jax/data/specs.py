@@ -1,8 +1,9 @@
 """Dataset specs -> (source, index): the one way a task opens its data.
 
 A spec is {name, split, config, label, domains} (a ConfigDict or dict): a TFDS dataset split, its builder config
-("" = the builder's default), the label that names it in metrics, and optionally the domains to keep. The
-built-in synthetic set is built on demand when `auto_build` is set.
+("" = the builder's default), the label that names it in metrics, and optionally the domains to keep. Your own
+dataset, built from a manifest (`python -m reid_jax.data.build manifest --name=NAME ...`), is {name: 'manifest',
+config: NAME}. The built-in synthetic set is built on demand when `auto_build` is set.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = 
     try:
         source = data.load_source(*args, decode_image=decode_image)
     except FileNotFoundError:
+        if spec.name == "manifest":  # built from a manifest file, not a manual folder
+            raise FileNotFoundError(
+                f"dataset manifest/{args[3]} is not built under {data_dir}; build it with `python -m "
+                f"reid_jax.data.build manifest --manifest=FILE.csv|FILE.jsonl --name={args[3]} --data_dir={data_dir}`"
+            ) from None
         if not (auto_build and spec.name == "synthetic_pedestrians"):
             raise
         from reid_jax.data import build
