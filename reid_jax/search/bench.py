@@ -66,15 +66,12 @@ def bench_index(args) -> None:
         batches[-1] = np.concatenate([batches[-1], np.zeros((args.batch - len(batches[-1]), *x.shape[1:]),
                                                             x.dtype)])  # the indexer pads too
         enc.image_features(batches[0])  # compile
-        bare = []
-        for _ in range(args.repeats):
+        bare, runs = [], []
+        for r in range(args.repeats):  # alternating, so both see the same machine
             t0 = time.perf_counter()
             for b in batches:
                 enc.image_features(b)
             bare.append(time.perf_counter() - t0)
-
-        runs = []
-        for r in range(args.repeats):
             summary = index.build(enc.source, tmp / "gallery", tmp / f"run{r}.index", cfg=cfg, encoder=enc)
             runs.append(summary["encode_seconds"])
     bare_s, index_s = statistics.median(bare), statistics.median(runs)
