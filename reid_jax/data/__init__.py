@@ -19,6 +19,10 @@ def load_source(name: str, split: str, data_dir, config: str | None = None, deco
     """
     b = builder(name, data_dir, config)
     if not Path(b.data_dir).exists():
+        if name == "manifest":
+            raise FileNotFoundError(
+                f"dataset manifest/{config} is not built under {data_dir}; build it with `python -m "
+                f"reid_jax.data.build manifest --manifest=FILE.csv|FILE.jsonl --name={config} --data_dir={data_dir}`")
         cfg = f" --config={b.builder_config.name}" if b.builder_config else ""
         raise FileNotFoundError(
             f"dataset {name!r} is not built under {data_dir} (no {b.data_dir}); build it with "
