@@ -30,11 +30,6 @@ def dataset_source(spec, data_dir: Path, auto_build: bool, decode_image: bool = 
     try:
         source = data.load_source(*args, decode_image=decode_image)
     except FileNotFoundError:
-        if spec.name == "manifest":  # built from a manifest file, not a manual folder
-            raise FileNotFoundError(
-                f"dataset manifest/{args[3]} is not built under {data_dir}; build it with `python -m "
-                f"reid_jax.data.build manifest --manifest=FILE.csv|FILE.jsonl --name={args[3]} --data_dir={data_dir}`"
-            ) from None
         if not (auto_build and spec.name == "synthetic_pedestrians"):
             raise
         from reid_jax.data import build
