@@ -1,4 +1,5 @@
-"""k-reciprocal re-ranking against a float64 numpy transcription of Zhong et al. (CVPR 2017), written as plain loops."""
+"""k-reciprocal re-ranking against a float64 numpy transcription of Zhong et al. (CVPR 2017), written as plain loops,
+and the sparse method (neighbour lists) against the dense one ([N, N] matrices)."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,11 @@ from reid_jax.eval import metrics, rerank
 from tests.numerics import assert_close
 
 FLOAT64 = 1e-5  # float32 distances against the float64 transcription, relative to the largest (tests/numerics.py)
+# Sparse against dense, relative to the largest distance (~1): both compute the same float32 numbers, but the
+# distances come from matmuls of different shapes (and dot products), and the sums over a row of V and over the
+# shared columns of S run in different orders, each off by a few ulps (1.2e-7); 2e-6 leaves room for those and
+# none for a wrong neighbour set, which changes a distance by far more.
+SPARSE = 2e-6
 
 
 def _reciprocal_set(rank, i, k):
@@ -109,7 +115,8 @@ def test_image_reid_with_distances():
 
 @pytest.mark.parametrize("kwargs, name", [
     ({"k1": 0}, "k1"), ({"k1": 2.5}, "k1"), ({"k2": 0}, "k2"), ({"lambda_value": 1.5}, "lambda_value"),
-    ({"lambda_value": -0.1}, "lambda_value"), ({"chunk": 0}, "chunk"),
+    ({"lambda_value": -0.1}, "lambda_value"), ({"chunk": 0}, "chunk"), ({"method": "fast"}, "method"),
+    ({"chunk": 0, "method": "sparse"}, "chunk"),
 ])
 def test_bad_arguments(kwargs, name):
     q, g = _feats(6, 3, 8)
@@ -146,3 +153,50 @@ def test_image_reid_reranks_normalised_features_with_the_configs_settings():
     ref_raw, _ = _reference(q, g, 50, 15, 0.3)
     assert_close(image_reid.reranked(q, g, rr), ref_raw, FLOAT64, "raw features")
     assert np.abs(ref - ref_raw).max() > 0.01  # the norms matter: the switch is not a no-op here
+
+
+def _integer_feats(seed, nq, ng, dim=8):
+    """Small integers times 1, 2 or 4 (uneven norms) with repeated rows: float32 distances are exact, so many are
+    exactly tied (ties go by index in both methods) and no rounding can reorder neighbours."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, size=(nq + ng, dim)) * rng.choice([1, 2, 4], size=(nq + ng, 1))
+    x[-1], x[nq] = x[-2], x[0]  # a duplicate in the gallery, one of a query
+    return x[:nq].astype(np.float32), x[nq:].astype(np.float32)
+
+
+def _unit(f):
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("k1, k2, nq, ng", [(20, 6, 13, 70), (7, 1, 41, 42), (50, 15, 1, 82), (20, 10, 3, 5)])
+def test_sparse_matches_dense(k1, k2, nq, ng):
+    """Exact ties, uneven norms, several lambdas; the shapes stay the same within a case so each method compiles
+    once for it."""
+    rng = np.random.default_rng(k1 * 100 + nq)
+    gauss = rng.normal(size=(nq + ng, 8)) * rng.uniform(0.2, 5.0, size=(nq + ng, 1))
+    cases = [(_integer_feats(k1, nq, ng), 0.3), ((gauss[:nq], gauss[nq:]), 0.0),
+             ((_unit(gauss[:nq]), _unit(gauss[nq:])), 0.7)]
+    if nq + ng < 10:  # all features identical: every distance 0, every row maximum 0
+        cases.append(((np.ones((nq, 8)), np.ones((ng, 8))), 0.3))
+    for (q, g), lam in cases:
+        dense = rerank.k_reciprocal(q, g, k1, k2, lam, method="dense")
+        sparse = rerank.k_reciprocal(q, g, k1, k2, lam, method="sparse")
+        assert sparse.shape == (nq, ng) and sparse.dtype == np.float32
+        assert_close(sparse, dense, SPARSE, f"sparse vs dense, lambda {lam}", scale=1.0)
+    q, g = cases[0][0]  # and one case against the transcription, not only against the dense method
+    assert_close(sparse_ref := rerank.k_reciprocal(q, g, k1, k2, 0.3, method="sparse"),
+                 _reference(q, g, k1, k2, 0.3)[0], FLOAT64, "sparse vs the transcription")
+    assert np.isfinite(sparse_ref).all()
+
+
+def test_sparse_blocks_and_steps_are_exact(monkeypatch):
+    """Blocks of a few rows in every stage and Jaccard steps of a few query rows give the same numbers bit for bit
+    (each row's arithmetic does not depend on the block it is in); 'auto' above DENSE_MAX_N is the sparse method."""
+    q, g = _integer_feats(3, 13, 70)
+    whole = rerank.k_reciprocal(q, g, 20, 6, method="sparse")
+    monkeypatch.setattr(rerank, "DENSE_MAX_N", 82)
+    np.testing.assert_array_equal(rerank.k_reciprocal(q, g, 20, 6), whole)
+    monkeypatch.setattr(rerank, "BLOCK_ELEMENTS", 700)  # 8-row blocks of distances, 1-row blocks of V
+    monkeypatch.setattr(rerank, "PAIR_BLOCK", 50)  # Jaccard steps of a query row or two
+    np.testing.assert_array_equal(rerank.k_reciprocal(q, g, 20, 6, method="sparse"), whole)
+    np.testing.assert_array_equal(rerank.k_reciprocal(q, g, 20, 6, chunk=5, method="sparse"), whole)
