@@ -95,8 +95,8 @@ def functions(enc) -> list[Function]:
     """The functions of a loaded `reid_jax.inference.Encoder`: image_features, and text_features where it has
     a text tower."""
     h, w = enc.image_size
-    cameras = num_cameras(enc)
-    image, state = _traceable(enc._image), enc._state
+    cameras = enc.num_cameras
+    image, state = enc.image_fn, enc.state
     images = Tensor("images", (BATCH, h, w, 3), "float32")
 
     def sample_images(rng, n):
@@ -109,25 +109,13 @@ def functions(enc) -> list[Function]:
     else:
         fns = [Function("image_features", "image", lambda x: image(state, x, None), (images,),
                         enc.image_features, sample_images)]
-    if enc._text is not None:
-        text = _traceable(enc._text)
+    if enc.text_fn is not None:
+        text = enc.text_fn  # traced directly, not through the Encoder's jit, which would capture both towers
         length, vocab = _text_shape(enc)
         fns.append(Function("text_features", "text", lambda ids: text(state, ids),
                             (Tensor("ids", (BATCH, length), "int32"),), enc.text_features,
                             lambda rng, n: (_token_ids(rng, n, length, vocab),)))
     return fns
-
-
-def num_cameras(enc) -> int:
-    """Rows of the model's camera embedding where its image features use one (CLIP-ReID / SCGI with SIE), else 0."""
-    model = enc.model
-    return int(model.cam_embed.shape[0]) if getattr(model, "use_cameras", False) else 0
-
-
-def _traceable(jitted: Callable) -> Callable:
-    """The Encoder's function under its jax.jit. Traced through the jit, the whole state (both towers) would be
-    captured as constants of each export; traced directly, only the weights it reads are."""
-    return getattr(jitted, "__wrapped__", jitted)
 
 
 def _text_shape(enc) -> tuple[int, int]:

@@ -53,11 +53,12 @@ class Encoder:
         self.dtype = _compute_dtype(loaded.model, dtype)
         # SIE: the image feature adds its camera's embedding, so it needs each image's camera id
         self.num_cameras = int(loaded.model.cam_embed.shape[0]) if getattr(loaded.model, "use_cameras", 0) else 0
-        graphdef, state = nnx.split(loaded.model)
-        self._image = jax.jit(lambda s, images, camids: loaded.image_fn(nnx.merge(graphdef, s), images, camids))
-        self._text = (None if loaded.text_fn is None else
-                      jax.jit(lambda s, ids: loaded.text_fn(nnx.merge(graphdef, s), ids)))
-        self._state = state
+        graphdef, self.state = nnx.split(loaded.model)
+        # Pure functions of (state, inputs), for those who trace them themselves (export); jitted below.
+        self.image_fn = lambda s, images, camids: loaded.image_fn(nnx.merge(graphdef, s), images, camids)
+        self.text_fn = None if loaded.text_fn is None else lambda s, ids: loaded.text_fn(nnx.merge(graphdef, s), ids)
+        self._image = jax.jit(self.image_fn)
+        self._text = None if self.text_fn is None else jax.jit(self.text_fn)
         # Text models are CLIPs (plain or TDE+NAM): their ids are [B, context_length]
         self.context_length = loaded.model.config.text.context_length if self._text is not None else None
 
@@ -92,7 +93,7 @@ class Encoder:
             raise ValueError(f"images must be float32 [B, {self.image_size[0]}, {self.image_size[1]}, 3] (NHWC, "
                              f"normalised with enc.mean / enc.std), got {list(images.shape)}")
         cams = None if camids is None else jnp.asarray(np.asarray(camids, np.int32).reshape(len(images)))
-        return np.asarray(self._image(self._state, jnp.asarray(images), cams), np.float32)
+        return np.asarray(self._image(self.state, jnp.asarray(images), cams), np.float32)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 [h, w, 3] RGB -> float32 [H, W, 3]: the model's test transform (resize, then normalise)."""
@@ -101,7 +102,7 @@ class Encoder:
 
     def image_features_on_device(self, images: jax.Array, camids: jax.Array | None = None) -> jax.Array:
         """`image_features` without the host round trip: jax arrays in (sharded as the caller likes), jax out."""
-        return self._image(self._state, images, camids)
+        return self._image(self.state, images, camids)
 
     @property
     def has_text(self) -> bool:
@@ -110,7 +111,7 @@ class Encoder:
     def digest(self) -> str:
         """A hash of every parameter and buffer: two Encoders with equal digests compute the same features."""
         h = hashlib.blake2b(digest_size=16)
-        for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(self._state), key=lambda kv: str(kv[0])):
+        for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(self.state), key=lambda kv: str(kv[0])):
             h.update(str(path).encode())
             h.update(np.ascontiguousarray(leaf).tobytes())
         return h.hexdigest()
@@ -119,7 +120,7 @@ class Encoder:
         """int32 [B, L] token ids (OpenAI's layout: SOT ... EOT, zero padded) -> float32 [B, E]."""
         if self._text is None:
             raise ValueError(f"this {self.kind} model ({self.source}) encodes images only: it has no text features")
-        return np.asarray(self._text(self._state, jnp.asarray(np.asarray(ids, np.int32))), np.float32)
+        return np.asarray(self._text(self.state, jnp.asarray(np.asarray(ids, np.int32))), np.float32)
 
 
 def _compute_dtype(model: nnx.Module, dtype: str) -> str:

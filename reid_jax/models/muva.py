@@ -43,7 +43,7 @@ def am_msa_bias(mask: Array) -> Array:
     """
     b, r, num_patches = mask.shape
     part_patch = jnp.where(mask, 0.0, BLOCKED)  # [B, R, L]
-    parts = jnp.where(jnp.eye(r, dtype=bool), 0.0, BLOCKED)  # [R, R]
+    parts = jnp.where(np.eye(r, dtype=bool), 0.0, BLOCKED)  # [R, R], a constant (ONNX has no boolean EyeLike)
     cls_col = lambda n: jnp.zeros((b, n, 1))  # noqa: E731
     rows = [jnp.zeros((b, 1, 1 + r + num_patches)),  # CLS row
             jnp.concatenate([cls_col(r), jnp.broadcast_to(parts, (b, r, r)), part_patch], axis=2),
