@@ -82,6 +82,20 @@ def bench_index(args) -> None:
                       "overhead_pct": round(100 * (index_s / bare_s - 1), 1), "repeats": args.repeats}), flush=True)
 
 
+def _random_gallery(path: Path, n: int, dim: int, block: int = 1 << 16) -> None:
+    """n random unit rows as a float16 .npy, written block by block through the file (not a memory map, whose
+    written pages would count in this process's resident memory)."""
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    offset = header.offset
+    del header
+    rng = np.random.default_rng(0)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        for start in range(0, n, block):
+            rows = rng.standard_normal((min(block, n - start), dim), np.float32)
+            f.write((rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16).tobytes())
+
+
 def _query_one(args) -> None:
     """In its own process: a gallery of args.n random unit rows on disk, then timed queries."""
     from reid_jax import tokenizer
@@ -92,13 +106,7 @@ def _query_one(args) -> None:
     dim = enc.image_features(np.zeros((1, *args.image_size, 3), np.float32)).shape[1]
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         path = Path(tmp) / "features.npy"
-        feats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(args.n, dim))
-        rng = np.random.default_rng(0)
-        for start in range(0, args.n, 1 << 20):  # written in blocks: the gallery never sits in memory whole
-            block = rng.standard_normal((min(1 << 20, args.n - start), dim), np.float32)
-            feats[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-        feats.flush()
-        del feats
+        _random_gallery(path, args.n, int(dim))
         feats = np.load(path, mmap_mode="r")
         ids = tokenizer.tokenize("a woman in a red coat with a black backpack", enc.context_length)
         image = np.random.default_rng(1).normal(size=(1, *args.image_size, 3)).astype(np.float32)
