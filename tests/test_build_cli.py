@@ -18,6 +18,7 @@ from data_builders.common import BadItem
 from reid_jax.data import build as build_lib
 from reid_jax.data import load_source, transforms
 from reid_jax.errors import UserError
+from tests import build_cli
 from tests import fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,19 +39,7 @@ def _market(tmp_path) -> tuple[Path, Path]:
     return manual, tmp_path / "data"
 
 
-def _cli(*args, cwd=REPO, env=None):
-    env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "reid_jax.data.build", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def _error_line(out) -> str:
-    """The one `error: ...` line of a failed run (and no traceback)."""
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, out.stderr
-    return lines[0]
+_cli, _error_line = build_cli.run, build_cli.error_line
 
 
 # ------------------------------------------------------------------------------------------ 7: not RGB

@@ -5,8 +5,6 @@ bad input's one-line error and exit status; and a config trained and evaluated o
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from data_builders.common import BadItem
 from reid_jax.data import build as build_lib
 from reid_jax.data import load_source, specs
 from reid_jax.errors import UserError
-from tests import configs, fixtures, logged_metrics, test_evaluate
+from tests import build_cli, configs, fixtures, logged_metrics, test_evaluate
 from tests.numerics import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,18 +93,7 @@ def _read(name: str, data_dir: Path) -> dict[str, dict[str, tuple]]:
     return out
 
 
-def _cli(*args, cwd=REPO):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "reid_jax.data.build", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def _error_line(out) -> str:
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, out.stderr
-    return lines[0]
+_cli, _error_line = build_cli.run, build_cli.error_line
 
 
 # ------------------------------------------------------------------------------------------- build, read
