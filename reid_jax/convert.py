@@ -12,16 +12,11 @@ earlier conversion only, never another folder.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import errno
 import os
-import re
-import secrets
-import shutil
 import sys
 from pathlib import Path
 
+from reid_jax import files
 from reid_jax.errors import UserError, expand_path, report, warn
 from reid_jax.models import posemb as posemb_lib
 from reid_jax.models.clip import CLIPConfig
@@ -41,21 +36,13 @@ def save_converted(dst, source: Source, cfg: CLIPConfig, posemb_interpolation: s
 
 
 # ------------------------------------------------------------------------------- the output folder (DST)
-# A conversion is written into `.DST.tmp-<pid>-<hex>` beside DST and then swapped in; the pid in the name lets a
-# later run tell the leftovers of a killed run (dead pid) from those of a run still going.
-_LEFTOVER = r"\.(tmp|old)-(\d+)(?:-[0-9a-f]+)?"
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+# A conversion is written into `.DST.tmp-<pid>-<hex>` beside DST and then swapped in (`reid_jax.files`).
+_exchange = files.exchange  # the one-step swap `_publish` tries; the tests replace it to exercise the fallback
 
 
 def _output_path(dst) -> Path:
     """DST as an absolute path; a symlink is followed, so the conversion replaces what it points to, not it."""
-    path = expand_path(dst)
-    if path is None:
-        raise CheckpointError("DST is empty; expected the path of the output folder")
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
-        raise CheckpointError(f"DST {path}: cannot be resolved ({e}); choose another path") from None
+    return files.resolved_output(dst, "DST", "the output folder", CheckpointError)
 
 
 def _check_dst(dst: Path, overwrite: bool) -> None:
@@ -81,117 +68,20 @@ def _check_dst(dst: Path, overwrite: bool) -> None:
         raise CheckpointError(f"DST {dst}: {ancestor} is a file, not a folder; choose a DST under a folder")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another user's live process
-        return True
-    return True
-
-
-def _clean_leftovers(dst: Path) -> None:
-    """Removes what killed runs left beside DST; an old conversion a kill left outside DST goes back to DST."""
-    if not dst.parent.is_dir():
-        return
-    pattern = re.compile(re.escape(f".{dst.name}") + _LEFTOVER)
-    for entry in sorted(dst.parent.iterdir()):
-        m = pattern.fullmatch(entry.name)
-        if not m or entry.is_symlink() or not entry.is_dir() or _alive(int(m[2])):
-            continue
-        if m[1] == "old" and not dst.exists() and converted.is_converted(entry):
-            entry.rename(dst)  # killed between the two renames of `_publish`'s fallback: the old one is whole
-            warn(f"{dst}: restored the earlier conversion that an interrupted --overwrite had moved to {entry.name}")
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _make_parents(dst: Path) -> list[Path]:
-    """Creates DST's missing parent folders; returns those created (outermost first), to undo on failure."""
-    missing, folder = [], dst.parent
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for folder in reversed(missing):
-        folder.mkdir()
-    return missing[::-1]
-
-
-def _make_temp(dst: Path) -> Path:
-    while True:
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            tmp.mkdir()  # mode 0o777 & ~umask, as mkdir(1) (tempfile.mkdtemp's 0o700 would hide it from the group)
-            return tmp
-        except FileExistsError:
-            continue
-
-
-@contextlib.contextmanager
 def _staging(dst: Path, overwrite: bool):
     """Checks DST and creates the temporary folder beside it, up front: a DST that cannot be written fails before
-    the source is read. Yields the folder; on any failure it is removed with the parents it created."""
-    _clean_leftovers(dst)
+    the source is read. A context manager yielding the folder; on any failure it is removed with the parents it
+    created."""
+    if restored := files.clean_leftovers(dst, converted.is_converted):
+        warn(f"{dst}: restored the earlier conversion that an interrupted --overwrite had moved to {restored.name}")
     _check_dst(dst, overwrite)
-    created: list[Path] = []
-    try:
-        created = _make_parents(dst)
-        tmp = _make_temp(dst)
-    except OSError as e:
-        _remove_created(created)
-        raise CheckpointError(f"DST {dst}: cannot create it in {dst.parent} ({e.strerror}); choose a DST in a "
-                              f"folder you can write to") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(created)
-        raise
-
-
-def _remove_created(created: list[Path]) -> None:
-    for folder in reversed(created):
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or file system lacks it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc before 2.28, or another libc
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+    return files.staged_folder(dst, lambda e: CheckpointError(
+        f"DST {dst}: cannot create it in {dst.parent} ({e.strerror}); choose a DST in a folder you can write to"))
 
 
 def _publish(tmp: Path, dst: Path) -> None:
-    """Moves the complete conversion `tmp` to DST. A kill at any instant leaves the old or the new one at DST:
-    the swap is one atomic exchange where the OS has it; otherwise two renames, and should a kill fall between
-    them, the next run puts the old conversion back (`_clean_leftovers`)."""
-    if not dst.exists():
-        tmp.rename(dst)
-    elif _exchange(tmp, dst):
-        shutil.rmtree(tmp)  # it now holds the old conversion
-    else:
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        dst.rename(old)
-        try:
-            tmp.rename(dst)
-        except BaseException:
-            old.rename(dst)
-            raise
-        shutil.rmtree(old)
+    """Moves the complete conversion `tmp` to DST (`files.publish_folder`: a kill leaves the old or the new one)."""
+    files.publish_folder(tmp, dst, _exchange)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -29,8 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +36,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from reid_jax import files
 from reid_jax.errors import EXIT_USAGE, UserError, expand_path, report, warn
 
 FORMATS = ("stablehlo", "onnx")
@@ -256,7 +255,7 @@ def export(model, out, formats: Sequence[str] = ("stablehlo",), *, image_size=No
         enc = model if isinstance(model, Encoder) else Encoder.load(model, image_size, stride, camera_coefficient)
         manifest = _write(enc, tmp, formats, platforms, opset, tolerance)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(tmp, out)
+        files.publish_folder(tmp, out)
     return manifest
 
 
@@ -338,7 +337,8 @@ def _check_platforms(platforms: str | Sequence[str]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------ the output folder (DIR)
-# As `reid_jax.convert` writes its DST: a temporary folder `.DIR.tmp-<pid>-<hex>` beside DIR, swapped in whole.
+# As `reid_jax.convert` writes its DST: a temporary folder `.DIR.tmp-<pid>-<hex>` beside DIR, swapped in whole
+# (`reid_jax.files`).
 def is_export(folder: Path) -> bool:
     try:
         return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
@@ -353,13 +353,7 @@ def _files(folder: Path) -> set[str]:
 
 
 def _output_path(out) -> Path:
-    path = expand_path(out)
-    if path is None:
-        raise ExportError("--out is empty; expected the path of the export folder")
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
-        raise ExportError(f"--out {path}: cannot be resolved ({e}); choose another path") from None
+    return files.resolved_output(out, "--out", "the export folder", ExportError)
 
 
 def _check_out(out: Path) -> None:
@@ -379,52 +373,14 @@ def _check_out(out: Path) -> None:
                           f"delete; move them out of it first (nothing was changed)")
 
 
-def _clean_leftovers(out: Path) -> None:
-    """Removes what killed exports left beside DIR; an earlier export a kill left outside DIR goes back."""
-    from reid_jax import convert
-
-    if not out.parent.is_dir():
-        return
-    pattern = re.compile(re.escape(f".{out.name}") + convert._LEFTOVER)
-    for entry in sorted(out.parent.iterdir()):
-        m = pattern.fullmatch(entry.name)
-        if not m or entry.is_symlink() or not entry.is_dir() or convert._alive(int(m[2])):
-            continue
-        if m[1] == "old" and not out.exists() and is_export(entry):
-            entry.rename(out)  # killed between the two renames of the publishing fallback: the old one is whole
-            warn(f"{out}: restored the earlier export that an interrupted export had moved to {entry.name}")
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def _staging(out: Path):
-    """Checks --out and creates the temporary folder beside it; yields it; on failure removes it and the parent
-    folders it created."""
-    from reid_jax import convert
-
-    _clean_leftovers(out)
+    """Checks --out and creates the temporary folder beside it: a context manager yielding it; on failure it is
+    removed with the parent folders it created."""
+    if restored := files.clean_leftovers(out, is_export):
+        warn(f"{out}: restored the earlier export that an interrupted export had moved to {restored.name}")
     _check_out(out)
-    created: list[Path] = []
-    try:
-        created = convert._make_parents(out)
-        tmp = convert._make_temp(out)
-    except OSError as e:
-        convert._remove_created(created)
-        raise ExportError(f"--out {out}: cannot create it in {out.parent} ({e.strerror}); choose a folder you can "
-                          f"write to") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        convert._remove_created(created)
-        raise
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    from reid_jax import convert
-
-    convert._publish(tmp, out)
+    return files.staged_folder(out, lambda e: ExportError(
+        f"--out {out}: cannot create it in {out.parent} ({e.strerror}); choose a folder you can write to"))
 
 
 # --------------------------------------------------------------------------------------------- loading
