@@ -37,7 +37,6 @@ def save_converted(dst, source: Source, cfg: CLIPConfig, posemb_interpolation: s
 
 # ------------------------------------------------------------------------------- the output folder (DST)
 # A conversion is written into `.DST.tmp-<pid>-<hex>` beside DST and then swapped in (`reid_jax.files`).
-_exchange = files.exchange  # the one-step swap `_publish` tries; the tests replace it to exercise the fallback
 
 
 def _output_path(dst) -> Path:
@@ -81,7 +80,7 @@ def _staging(dst: Path, overwrite: bool):
 
 def _publish(tmp: Path, dst: Path) -> None:
     """Moves the complete conversion `tmp` to DST (`files.publish_folder`: a kill leaves the old or the new one)."""
-    files.publish_folder(tmp, dst, _exchange)
+    files.publish_folder(tmp, dst)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

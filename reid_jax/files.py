@@ -169,14 +169,13 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def publish_folder(tmp: Path, dst: Path, swap: Callable[[Path, Path], bool] = exchange) -> None:
+def publish_folder(tmp: Path, dst: Path) -> None:
     """Moves the complete folder `tmp` to `dst`. A kill at any instant leaves the old or the new one at `dst`:
     the swap is one atomic exchange where the OS has it; otherwise two renames, and should a kill fall between
-    them, the next run puts the old folder back (`clean_leftovers`). `swap`: the one-step exchange to try (False:
-    not available here)."""
+    them, the next run puts the old folder back (`clean_leftovers`)."""
     if not dst.exists():
         tmp.rename(dst)
-    elif swap(tmp, dst):
+    elif exchange(tmp, dst):
         shutil.rmtree(tmp)  # it now holds the old folder
     else:
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{secrets.token_hex(4)}")

@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from reid_jax import convert
+from reid_jax import convert, files
 from reid_jax.weights import load_clip
 from tests import torch_refs
 
@@ -241,8 +241,8 @@ def test_cli_subprocess_and_lazy_torch(sources, tmp_path):
 def _tree(root):
     """{relative path: (mode, bytes or None for folders)} of everything under root."""
     out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             out[os.path.relpath(p, root)] = (st.st_mode, None if name in dirs else open(p, "rb").read())
@@ -393,13 +393,13 @@ def test_swap_replaces_dst_in_one_step(tmp_path):
     b.mkdir()
     (a / "new").write_text("")
     (b / "old").write_text("")
-    if not convert._exchange(a, b):
+    if not files.exchange(a, b):
         pytest.skip("this file system has no atomic exchange (the two-rename fallback is tested below)")
     assert os.listdir(a) == ["old"] and os.listdir(b) == ["new"]
 
 
 def test_fallback_swap_and_a_failed_rename_keep_dst(sources, conversion, tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)
     dst = tmp_path / "clip"
     shutil.copytree(conversion, dst)
     before = _tree(dst)
