@@ -265,6 +265,58 @@ def bench_eval(args) -> None:
           flush=True)
 
 
+def bench_rerank(args) -> None:
+    """`rerank.k_reciprocal` (by default k1 50, k2 15, lambda 0.3: `configs/common.py: rerank`) on unit features of
+    N / 30 identities (centre + noise), N = Q + G with Q / N as MSMT17's 11,659 / 93,820. Each (N, method) runs in
+    a fresh subprocess, so its peak RSS (ru_maxrss) is its own; compilation (tracing, lowering, XLA) is timed apart
+    through jax.monitoring and left out of `seconds`. With several methods at one N, each after the first reports
+    its largest difference from the one before."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    from reid_jax.eval import rerank
+
+    if not args.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in args.n:
+                for i, method in enumerate(args.method):
+                    out = os.path.join(tmp, f"{n}_{i}.npy")
+                    extra = [f"--save={out}"] if i + 1 < len(args.method) else []
+                    extra += [f"--compare={os.path.join(tmp, f'{n}_{i - 1}.npy')}"] if i else []
+                    subprocess.run([sys.executable, "-m", "reid_jax.bench", "rerank", "--one", f"--n={n}",
+                                    f"--method={method}", f"--dim={args.dim}", f"--k1={args.k1}", f"--k2={args.k2}",
+                                    f"--lambda-value={args.lambda_value}", *extra], check=True)
+        return
+
+    compile_s = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compile_s.append(secs) if event.startswith("/jax/core/compile/") else None)
+    n, method = args.n[0], args.method[0]
+    nq = round(n * 11659 / 93820)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, max(1, n // 30), n)
+    feats = rng.normal(size=(max(1, n // 30), args.dim)).astype(np.float32)[ids]
+    feats += 0.8 * rng.normal(size=feats.shape).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    dist = rerank.k_reciprocal(feats[:nq], feats[nq:], args.k1, args.k2, args.lambda_value, method=method)
+    total = time.perf_counter() - t0
+    row = {"bench": "rerank", "n": n, "q": nq, "g": n - nq, "dim": args.dim, "k1": args.k1, "k2": args.k2,
+           "method": method, "device": jax.devices()[0].device_kind, "seconds": round(total - sum(compile_s), 2),
+           "compile_s": round(sum(compile_s), 2),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "rss_before_gib": round(rss_before / 2**20, 2)}  # ru_maxrss is in KiB on Linux
+    if args.save:
+        np.save(args.save, dist)
+    if args.compare:
+        row["max_abs_diff"] = float(np.abs(dist - np.load(args.compare)).max())
+    print(json.dumps(row), flush=True)
+
+
 def _hw(text: str) -> tuple[int, int]:
     h, w = (int(x) for x in text.split(","))
     return h, w
@@ -306,6 +358,19 @@ def main(argv=None) -> None:
     ev.add_argument("--dim", type=int, default=512)
     ev.add_argument("--repeats", type=int, default=3)
     ev.set_defaults(fn=bench_eval)
+    rr = sub.add_parser("rerank", help="k-reciprocal re-ranking time and peak RSS (a subprocess per setting)")
+    rr.add_argument("--n", type=lambda t: [int(v) for v in t.split(",")], default=[20000],
+                    help="N = Q + G, comma-separated")
+    rr.add_argument("--method", type=lambda t: t.split(","), default=["sparse"], help="dense, sparse or auto, "
+                    "comma-separated")
+    rr.add_argument("--dim", type=int, default=512)
+    rr.add_argument("--k1", type=int, default=50)
+    rr.add_argument("--k2", type=int, default=15)
+    rr.add_argument("--lambda-value", type=float, default=0.3)
+    rr.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # run one setting in this process
+    rr.add_argument("--save", default="", help=argparse.SUPPRESS)
+    rr.add_argument("--compare", default="", help=argparse.SUPPRESS)
+    rr.set_defaults(fn=bench_rerank)
     dat = sub.add_parser("data", help="training input pipeline images/s")
     dat.add_argument("--dataset", default="synthetic_pedestrians")
     dat.add_argument("--config", default="demo")

@@ -190,13 +190,15 @@ def test_sparse_matches_dense(k1, k2, nq, ng):
 
 
 def test_sparse_blocks_and_steps_are_exact(monkeypatch):
-    """Blocks of a few rows in every stage and Jaccard steps of a few query rows give the same numbers bit for bit
-    (each row's arithmetic does not depend on the block it is in); 'auto' above DENSE_MAX_N is the sparse method."""
+    """Blocks of a few rows in every stage, lists padded to their longest (read back by a counting pass) instead
+    of to a bound, and Jaccard steps of a few query rows give the same numbers bit for bit: each row's arithmetic
+    depends neither on its block nor on the padding. 'auto' above DENSE_MAX_N is the sparse method."""
     q, g = _integer_feats(3, 13, 70)
     whole = rerank.k_reciprocal(q, g, 20, 6, method="sparse")
     monkeypatch.setattr(rerank, "DENSE_MAX_N", 82)
     np.testing.assert_array_equal(rerank.k_reciprocal(q, g, 20, 6), whole)
     monkeypatch.setattr(rerank, "BLOCK_ELEMENTS", 700)  # 8-row blocks of distances, 1-row blocks of V
     monkeypatch.setattr(rerank, "PAIR_BLOCK", 50)  # Jaccard steps of a query row or two
+    monkeypatch.setattr(rerank, "SMALL_ELEMENTS", 0)  # every list length counted first
     np.testing.assert_array_equal(rerank.k_reciprocal(q, g, 20, 6, method="sparse"), whole)
     np.testing.assert_array_equal(rerank.k_reciprocal(q, g, 20, 6, chunk=5, method="sparse"), whole)
