@@ -71,6 +71,9 @@ def top_k(feats: np.ndarray, queries: np.ndarray, k: int, chunk: int = CHUNK) ->
             rows = nxt.result()
             if start + chunk < n:
                 nxt = pool.submit(read, start + chunk)
+            # Dispatch is asynchronous: without this wait the loop would run ahead of the device, each queued
+            # step holding its chunk, and memory would grow with the gallery. The read of the next chunk goes on.
+            jax.block_until_ready(best)
             best = _merge_chunk(rows, queries, min(chunk, n - start), start, *best, k=k)
     scores, ids = jax.device_get(best)
     return np.asarray(scores, np.float32), np.asarray(ids, np.int32)
