@@ -1,6 +1,22 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and one compilation cache for the whole run.
+
+Many tests compile the same small steps (the tiny TDE / SCGI / MUVA models), in this process and in the training
+runs they start as subprocesses. JAX's persistent cache keys a compiled executable by its program and options, so
+with one cache folder for the session (inherited through the environment by pytest-xdist workers and by every
+subprocess) each distinct program is compiled once. The folder is removed at the end.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import pytest
+
+if "REID_JAX_TEST_CACHE" not in os.environ:  # the first pytest process of the run (xdist's controller, or the only)
+    os.environ["REID_JAX_TEST_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    atexit.register(shutil.rmtree, os.environ["REID_JAX_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
