@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,9 @@ def test_another_model_is_a_clear_error(model, tmp_path):
     with pytest.raises(store.IndexError_, match="another model"):
         Index.open(tmp_path / "idx", model=other)
     assert cli.main(["query", "--index", str(tmp_path / "idx"), "--text", "x", "--model", str(other)]) == 1
+    moved = tmp_path / "moved"  # the same model elsewhere, given as --model: accepted at the index's input size
+    shutil.copytree(model, moved)
+    assert Index.open(tmp_path / "idx", model=moved).encoder.image_size == (32, 32)
     with pytest.raises(store.IndexError_, match="not a reid-jax search index"):
         Index.open(gal)
 

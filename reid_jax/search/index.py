@@ -291,8 +291,9 @@ class Index:
                               f"{out}`")
         info, meta = store.read_json(out / store.MODEL), store.current(out)
         index = cls(out, info, meta, store.read_generation(out, meta), encoder)
-        if model is not None:
-            index._encoder = Encoder.load(expand_path(model), dtype="auto")
+        if model is not None:  # at the input the index was made with
+            index._encoder = Encoder.load(expand_path(model), image_size=info["image_size"], stride=info.get("stride"),
+                                          dtype="auto")
         if index._encoder is not None:
             _check_same_model(out, info, model_identity(index._encoder, Path(index._encoder.source), info["dim"]))
         return index
