@@ -290,13 +290,21 @@ class Index:
                               f"build one with `python -m reid_jax.search index --model PATH --images DIR --index "
                               f"{out}`")
         info, meta = store.read_json(out / store.MODEL), store.current(out)
-        index = cls(out, info, meta, store.read_generation(out, meta), encoder)
-        if model is not None:  # at the input the index was made with
-            index._encoder = Encoder.load(expand_path(model), image_size=info["image_size"], stride=info.get("stride"),
-                                          dtype="auto")
-        if index._encoder is not None:
-            _check_same_model(out, info, model_identity(index._encoder, Path(index._encoder.source), info["dim"]))
+        index = cls(out, info, meta, store.read_generation(out, meta), None)
+        if model is not None or encoder is not None:
+            index._use(encoder if model is None else index._load(expand_path(model)))
         return index
+
+    def _load(self, source: Path) -> Encoder:
+        """The model at `source`, at the input the index was made with."""
+        return Encoder.load(source, image_size=self.model_info["image_size"], stride=self.model_info.get("stride"),
+                            dtype="auto")
+
+    def _use(self, encoder: Encoder) -> None:
+        """Answers queries with `encoder`, once it is known to be the index's model."""
+        _check_same_model(self.out, self.model_info, model_identity(encoder, Path(encoder.source),
+                                                                    self.model_info["dim"]))
+        self._encoder = encoder
 
     @property
     def encoder(self) -> Encoder:
@@ -304,10 +312,7 @@ class Index:
             source = Path(self.model_info["source"])
             if not source.exists():
                 raise IndexError_(f"--index {self.out}: its model {source} is gone; pass --model with the same model")
-            self._encoder = Encoder.load(source, image_size=self.model_info["image_size"],
-                                         stride=self.model_info.get("stride"), dtype="auto")
-            _check_same_model(self.out, self.model_info, model_identity(self._encoder, source,
-                                                                        self.model_info["dim"]))
+            self._use(self._load(source))
         return self._encoder
 
     def query_features(self, text: str | None = None, image=None, camid: int | None = None) -> np.ndarray:
