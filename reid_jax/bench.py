@@ -136,7 +136,8 @@ def bench_train_step(args) -> None:
 
     preset = {"vit-b-16": clip_lib.CLIPConfig.vit_b16, "tiny": clip_lib.CLIPConfig.tiny}[args.model]
     cfg = preset(image_size=args.image_size, stride=args.stride, dtype=args.dtype, remat=args.remat,
-                 scan_layers=args.scan, attention=args.attention)
+                 scan_layers=args.scan, attention=args.attention,
+                 pad_tokens_to=args.pad_tokens_to)
     model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
     # model + optimizer as the trainer holds them (loop.TrainState), without importing the data stack
     graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-5), wrt=nnx.Param)))
@@ -177,7 +178,9 @@ def bench_train_step(args) -> None:
     peak = _peak_flops(args)
     print(json.dumps({"bench": "train_step", "model": args.model, "batch": args.batch,
                       "image_size": list(args.image_size), "dtype": args.dtype, "remat": args.remat,
-                      "scan_layers": args.scan, "attention": args.attention,
+                      "scan_layers": args.scan,
+                      "attention": clip_lib.attention_implementation(cfg, cfg.vision.width // cfg.vision.heads),
+                      "pad_tokens_to": model.visual.transformer.pad_tokens_to,
                       "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 2),
                       "step_ms": round(step_s * 1e3, 1), "pairs_per_s": round(args.batch / step_s, 2),
                       "tflops_per_s": round(flops / step_s / 1e12, 3) if flops else None,
@@ -344,7 +347,10 @@ def main(argv=None) -> None:
     trs.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
                      help="blocks as one lax.scan or unrolled (default)")
     trs.add_argument("--attention", default="", choices=clip_lib.ATTENTION,
-                     help="jax.nn.dot_product_attention implementation ('' = JAX's choice)")
+                     help="jax.nn.dot_product_attention implementation ('' = cuDNN on NVIDIA GPUs in bfloat16, "
+                          "else XLA)")
+    trs.add_argument("--pad-tokens-to", type=int, default=0,
+                     help="pad token sequences to a multiple of this, pad keys masked (0 = 2 for cuDNN, else none)")
     trs.add_argument("--device", default="cpu", help="--torch only: cpu or cuda")
     trs.add_argument("--amp", action="store_true", help="--torch only: bfloat16 autocast (PyTorch AMP)")
     trs.add_argument("--steps", type=int, default=3)

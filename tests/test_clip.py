@@ -222,6 +222,61 @@ def test_layer_scan_equals_unrolled_blocks():
             assert_close(a[...], b[...], SAME_MATH, f"gradient {'.'.join(map(str, k))} (remat={remat})")
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_padded_masked_attention_equals_unpadded(scan):
+    """The token padding cuDNN needs (sequence padded, pad keys masked, pad sliced off), run on XLA here, against
+    the unpadded model: image 33 -> 36 tokens and text 15 -> 16, with a per-layer and a token-dependent (MUVA-like)
+    attention bias; features, every layer's tokens and the gradients of every parameter."""
+    cfg = clip_lib.CLIPConfig.tiny(scan_layers=scan, attention="xla")
+    rng = np.random.default_rng(11)
+    images = jnp.asarray(rng.normal(size=(2, 32, 16, 3)), jnp.float32)
+    ids = jnp.asarray(torch_refs.random_ids(2, rng, cfg.text.context_length))[:, :15]
+    ids = ids.at[:, 14].set(jnp.maximum(ids[:, 14], 49407))  # keep an EOT within the 15 tokens
+    t = cfg.vision.num_tokens
+    assert t % 4 and ids.shape[1] % 4, "the test needs sequences that get padded"
+    biases = [jnp.asarray(rng.normal(size=(2, 1, t, t)), jnp.float32) for _ in range(cfg.vision.layers)]
+
+    def token_bias(i, tokens):  # depends on the layer's real tokens, as MUVA's masks do
+        return jnp.tanh(tokens[:, None, :, :1] - tokens[:, None, None, :, 0]) * (i + 1)
+
+    def run(pad):
+        model = clip_lib.CLIP(cfg.replace(pad_tokens_to=pad), rngs=nnx.Rngs(0))
+        leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        nnx.update(model, jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                                    for x, k in zip(leaves, keys)]))
+        _, per_layer = model.visual(images, attn_bias=biases, return_layers=True)
+        tokens, _ = model.visual(images, attn_bias=token_bias)
+
+        def loss(m):
+            return jnp.sum(m.image_features(images) ** 2) + jnp.sum(m.text_features(ids) ** 2)
+
+        return model.image_features(images), model.text_features(ids), per_layer, tokens, nnx.to_flat_state(
+            nnx.grad(loss)(model))
+
+    ref, padded = run(1), run(4)
+    for name, a, b in zip(("image features", "text features"), padded[:2], ref[:2]):
+        assert_close(a, b, SAME_MATH, name)
+    assert padded[2][0].shape == ref[2][0].shape == (2, t, cfg.vision.width)
+    for i, (a, b) in enumerate(zip(padded[2], ref[2])):
+        assert_close(a, b, SAME_MATH, f"layer {i} with a per-layer bias")
+    assert_close(padded[3], ref[3], SAME_MATH, "tokens with a token-dependent bias")
+    for (k, a), (_, b) in zip(padded[4], ref[4]):
+        assert_close(a[...], b[...], SAME_MATH, f"gradient {'.'.join(map(str, k))}")
+
+
+def test_attention_implementation_choice():
+    """cuDNN only where its kernel runs: never on CPU, whatever the dtype; an explicit choice is kept."""
+    for dtype in ("float32", "bfloat16"):
+        assert clip_lib.attention_implementation(clip_lib.CLIPConfig.tiny(dtype=dtype), 16) == "xla"
+    assert clip_lib.attention_implementation(clip_lib.CLIPConfig.tiny(attention="cudnn"), 16) == "cudnn"
+    model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert model.visual.transformer.pad_tokens_to == 1  # XLA: no padding
+    assert clip_lib.padded_length(193, 2) == 194 and clip_lib.padded_length(196, 2) == 196
+    with pytest.raises(ValueError, match="pad_tokens_to"):
+        clip_lib.CLIPConfig.tiny(pad_tokens_to=-1).validate()
+
+
 def test_encode_accepts_numpy_and_checks_the_input_size():
     model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny(), rngs=nnx.Rngs(0))
     out = model.encode_image(np.zeros((3, 32, 16, 3), np.float32))

@@ -82,10 +82,14 @@ class CLIPConfig:
     # 0.33 s vs 0.39 s: `python -m reid_jax.bench train_step [--scan]`). Parameter names and checkpoints are
     # the same either way; a callable attn_bias always unrolls.
     scan_layers: bool = False
-    # jax.nn.dot_product_attention implementation: "" (JAX's choice), "xla" or "cudnn". cuDNN's fused kernel
-    # refuses the ReID image lengths (193 tokens at 384x128/16 on an H100, JAX 0.11: "Unsupported sequence
-    # length"); "" picks XLA there, which ran at 1455 pairs/s (bench train_step, batch 64, bfloat16)
+    # jax.nn.dot_product_attention implementation: "xla", "cudnn" (NVIDIA's fused flash kernel, 16-bit compute
+    # only) or "" = cuDNN on an NVIDIA GPU (compute capability >= 8.0) with a 16-bit compute dtype, XLA elsewhere.
     attention: str = ""
+    # Pad each tower's token sequence to a multiple of this, with the pad keys masked out (key_value_seq_lengths;
+    # causal masking already hides them from the text's real tokens) and sliced off after the blocks: outputs are
+    # unchanged. cuDNN's kernel needs it: JAX (0.10) rejects odd lengths in training (193 image tokens at
+    # 384x128/16, 77 text tokens) as it would with a bias. 0 = 2 with cuDNN, no padding with XLA.
+    pad_tokens_to: int = 0
 
     @classmethod
     def vit_b16(cls, image_size=(224, 224), stride=16, **kw) -> CLIPConfig:
@@ -121,7 +125,10 @@ class CLIPConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION} ('' = JAX's choice), got {self.attention!r}")
+            raise ValueError(f"attention must be one of {ATTENTION} ('' = cuDNN on NVIDIA GPUs with bfloat16, "
+                             f"else XLA), got {self.attention!r}")
+        if self.pad_tokens_to < 0:
+            raise ValueError(f"pad_tokens_to must be >= 0 (0 = as the attention needs), got {self.pad_tokens_to}")
         for name, tower in (("vision", self.vision), ("text", self.text)):
             if tower.width % tower.heads:
                 raise ValueError(f"{name}.width {tower.width} is not divisible by {name}.heads {tower.heads}")
@@ -131,6 +138,25 @@ class CLIPConfig:
 # ----------------------------------------------------------------------------------------------------- blocks
 def quick_gelu(x: Array) -> Array:
     return x * jax.nn.sigmoid(1.702 * x)
+
+
+def attention_implementation(cfg: CLIPConfig, head_dim: int) -> str:
+    """The `jax.nn.dot_product_attention` implementation a tower uses: `cfg.attention`, or for "" cuDNN where its
+    fused kernel applies (an NVIDIA GPU of compute capability >= 8.0, a 16-bit compute dtype, a head dim that is a
+    multiple of 8 and <= 128) and XLA elsewhere."""
+    if cfg.attention:
+        return cfg.attention
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in getattr(device.client, "platform_version", "").lower():
+        return "xla"
+    capability = tuple(int(v) for v in str(getattr(device, "compute_capability", "0.0")).split("."))
+    half = jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def padded_length(tokens: int, multiple: int) -> int:
+    """`tokens` rounded up to a multiple of `multiple`."""
+    return -(-tokens // multiple) * multiple
 
 
 def _normal(std: float):
@@ -154,17 +180,20 @@ class Attention(nnx.Module):
     def __init__(self, width: int, heads: int, proj_std: float, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
         self.heads = heads
-        self.implementation = cfg.attention or None
+        self.implementation = attention_implementation(cfg, width // heads)
         self.in_proj = nnx.Linear(width, 3 * width, dtype=dt, kernel_init=_normal(width ** -0.5), rngs=rngs)
         self.out_proj = nnx.Linear(width, width, dtype=dt, kernel_init=_normal(proj_std), rngs=rngs)
 
-    def __call__(self, x: Array, bias: Array | None = None, is_causal: bool = False) -> Array:
-        """x: [B, T, D]; bias: additive, broadcastable to [B, heads, T, T] -> [B, T, D]."""
+    def __call__(self, x: Array, bias: Array | None = None, is_causal: bool = False,
+                 keys: int | None = None) -> Array:
+        """x: [B, T, D]; bias: additive, broadcastable to [B, heads, T, T]; `keys`: only the first `keys` tokens
+        are attended to (the rest is padding) -> [B, T, D]."""
         b, t, d = x.shape
         q, k, v = jnp.split(self.in_proj(x).reshape(b, t, 3 * self.heads, d // self.heads), 3, axis=2)
         if bias is not None:
             bias = jnp.broadcast_to(bias, (b, self.heads, t, t)).astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal,
+        lengths = None if keys is None else jnp.full((b,), keys, jnp.int32)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal, key_value_seq_lengths=lengths,
                                            implementation=self.implementation)
         return self.out_proj(out.reshape(b, t, d))
 
@@ -191,8 +220,9 @@ class ResidualBlock(nnx.Module):
         self.ln_2 = LayerNorm(width, cfg, rngs=rngs)
         self.mlp = MLP(width, mlp_dim, proj_std, cfg, rngs=rngs)
 
-    def __call__(self, x: Array, bias: Array | None = None, is_causal: bool = False) -> Array:
-        x = x + self.attn(self.ln_1(x), bias, is_causal)
+    def __call__(self, x: Array, bias: Array | None = None, is_causal: bool = False,
+                 keys: int | None = None) -> Array:
+        x = x + self.attn(self.ln_1(x), bias, is_causal, keys)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -202,21 +232,36 @@ class Transformer(nnx.Module):
                                    for _ in range(layers)])
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers
+        cudnn = attention_implementation(cfg, width // heads) == "cudnn"
+        self.pad_tokens_to = cfg.pad_tokens_to or (2 if cudnn else 1)
 
     def __call__(self, x: Array, attn_bias: AttnBias = None, is_causal: bool = False,
                  return_layers: bool = False) -> tuple[Array, tuple[Array, ...]]:
         """x: [B, T, D] -> (last block's output [B, T, D], every block's output if return_layers else ())."""
+        t = x.shape[1]
+        padded = padded_length(t, self.pad_tokens_to)
+        if padded != t:  # pad tokens at the end: masked as keys, never read back
+            x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0)))
+            attn_bias = _pad_bias(attn_bias, t, padded)
+        keys = None if padded == t or is_causal else t  # causal masking already hides the pad from real tokens
         if self.scan_layers and _stackable(attn_bias):
-            return self._scan(x, attn_bias, is_causal, return_layers)
+            x, layers = self._scan(x, attn_bias, is_causal, keys, return_layers)
+        else:
+            x, layers = self._unrolled(x, attn_bias, is_causal, keys, return_layers)
+        if padded != t:
+            x, layers = x[:, :t], tuple(y[:, :t] for y in layers)
+        return x, layers
+
+    def _unrolled(self, x: Array, attn_bias, is_causal: bool, keys: int | None, return_layers: bool):
         layers = []
         for i, block in enumerate(self.resblocks):
-            call = nnx.remat(type(block).__call__, static_argnums=(3,)) if self.remat else type(block).__call__
-            x = call(block, x, _layer_bias(attn_bias, i, x), is_causal)
+            call = nnx.remat(type(block).__call__, static_argnums=(3, 4)) if self.remat else type(block).__call__
+            x = call(block, x, _layer_bias(attn_bias, i, x), is_causal, keys)
             if return_layers:
                 layers.append(x)
         return x, tuple(layers)
 
-    def _scan(self, x: Array, attn_bias, is_causal: bool, return_layers: bool):
+    def _scan(self, x: Array, attn_bias, is_causal: bool, keys: int | None, return_layers: bool):
         """The same blocks as one lax.scan: their parameters are stacked along a new leading [L] axis for the
         call (the gradient flows back to each block's own parameters), a per-layer bias list likewise."""
         graphdef, _ = nnx.split(self.resblocks[0])
@@ -226,12 +271,28 @@ class Transformer(nnx.Module):
 
         def body(h, layer):
             state, bias = layer
-            h = nnx.merge(graphdef, state)(h, bias if per_layer else attn_bias, is_causal)
+            h = nnx.merge(graphdef, state)(h, bias if per_layer else attn_bias, is_causal, keys)
             return h, (h if return_layers else None)
 
         body = jax.checkpoint(body) if self.remat else body
         x, ys = jax.lax.scan(body, x, (stacked, biases))
         return x, tuple(ys) if return_layers else ()
+
+
+def _pad_bias(attn_bias: AttnBias, t: int, padded: int) -> AttnBias:
+    """An attention bias over T tokens as one over the padded sequence (zero on the pad, whose keys are masked);
+    a callable bias still sees the unpadded tokens."""
+    def pad(b):
+        if b is None:
+            return None
+        b = jnp.asarray(b)
+        return jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, padded - t if n == t else 0) for n in b.shape[-2:]])
+
+    if attn_bias is None or isinstance(attn_bias, jax.Array | np.ndarray):
+        return pad(attn_bias)
+    if callable(attn_bias):
+        return lambda i, x: pad(attn_bias(i, x[:, :t]))
+    return [pad(b) for b in attn_bias]
 
 
 def _stackable(attn_bias: AttnBias) -> bool:

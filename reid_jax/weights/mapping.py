@@ -113,7 +113,7 @@ def architecture(cfg: CLIPConfig) -> dict:
     d = cfg.to_dict()
     for tower in ("vision", "text"):
         d[tower] = {k: v for k, v in d[tower].items() if k not in ("image_size", "stride", "num_extra_tokens")}
-    return {k: v for k, v in d.items() if k not in ("dtype", "remat", "scan_layers", "attention")}
+    return {k: v for k, v in d.items() if k not in ("dtype", "remat", "scan_layers", "attention", "pad_tokens_to")}
 
 
 def source_of(clip: CLIP, path: Path, kind: str) -> Source:
