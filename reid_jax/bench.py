@@ -175,6 +175,14 @@ def bench_train_step(args) -> None:
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    if args.profile:
+        holder = [state]  # the state is donated: each step consumes the one before
+
+        def one_step():
+            holder[0], loss = compiled(holder[0], batch)
+            jax.block_until_ready(loss)
+
+        _print_profile(one_step, compiled.as_text(), step_s, args)
     peak = _peak_flops(args)
     print(json.dumps({"bench": "train_step", "model": args.model, "batch": args.batch,
                       "image_size": list(args.image_size), "dtype": args.dtype, "remat": args.remat,
@@ -185,6 +193,23 @@ def bench_train_step(args) -> None:
                       "step_ms": round(step_s * 1e3, 1), "pairs_per_s": round(args.batch / step_s, 2),
                       "tflops_per_s": round(flops / step_s / 1e12, 3) if flops else None,
                       "mfu": round(flops / step_s / peak, 4) if flops and peak else None}), flush=True)
+
+
+def _print_profile(run, hlo_text: str, step_s: float, args) -> None:
+    """The per-op breakdown of `run` (one step): the top `--profile` ops, then time per kind of op."""
+    from reid_jax import profiling
+
+    rows = profiling.op_times(run, hlo_text, steps=2)
+    total = sum(r["ms_per_step"] for r in rows)
+    for r in rows[: args.profile]:
+        print(json.dumps({"bench": "profile_op", **{k: r[k] for k in ("op", "opcode", "shape")},
+                          "ms": round(r["ms_per_step"], 2), "share": round(r["ms_per_step"] / total, 4),
+                          "source": r["source"][-120:]}), flush=True)
+    for name, ms, count in profiling.summary(rows):
+        print(json.dumps({"bench": "profile_kind", "kind": name, "ops": count, "ms": round(ms, 1),
+                          "share": round(ms / total, 4)}), flush=True)
+    print(json.dumps({"bench": "profile_total", "op_ms_per_step": round(total, 1),
+                      "step_ms": round(step_s * 1e3, 1)}), flush=True)
 
 
 def bench_train_step_torch(args) -> None:
@@ -356,6 +381,8 @@ def main(argv=None) -> None:
     trs.add_argument("--steps", type=int, default=3)
     trs.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs built in)")
     trs.add_argument("--torch", action="store_true", help="time the PyTorch reference step instead (ViT-B/16)")
+    trs.add_argument("--profile", type=int, default=0, metavar="TOP",
+                     help="also trace two steps and print the TOP longest ops and the time per kind of op")
     trs.set_defaults(fn=lambda a: bench_train_step_torch(a) if a.torch else bench_train_step(a))
     ev = sub.add_parser("eval", help="text-to-image metric time (compilation excluded)")
     ev.add_argument("--queries", type=int, default=6156)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from reid_jax.models import dense
 from reid_jax.models import posemb as posemb_lib
 
 Array = jax.Array
@@ -163,6 +164,11 @@ def _normal(std: float):
     return jax.nn.initializers.normal(stddev=std)
 
 
+def _linear(d_in: int, d_out: int, dtype, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    """A dense layer with OpenAI's normal init, whose bfloat16 products stay on XLA:CPU's fast kernels."""
+    return dense.Linear(d_in, d_out, dtype=dtype, kernel_init=_normal(std), rngs=rngs)
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 whatever the compute dtype; returns the compute dtype."""
 
@@ -181,8 +187,8 @@ class Attention(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         self.heads = heads
         self.implementation = attention_implementation(cfg, width // heads)
-        self.in_proj = nnx.Linear(width, 3 * width, dtype=dt, kernel_init=_normal(width ** -0.5), rngs=rngs)
-        self.out_proj = nnx.Linear(width, width, dtype=dt, kernel_init=_normal(proj_std), rngs=rngs)
+        self.in_proj = _linear(width, 3 * width, dt, width ** -0.5, rngs)
+        self.out_proj = _linear(width, width, dt, proj_std, rngs)
 
     def __call__(self, x: Array, bias: Array | None = None, is_causal: bool = False,
                  keys: int | None = None) -> Array:
@@ -201,8 +207,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, width: int, hidden: int, proj_std: float, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
-        self.c_fc = nnx.Linear(width, hidden, dtype=dt, kernel_init=_normal((2 * width) ** -0.5), rngs=rngs)
-        self.c_proj = nnx.Linear(hidden, width, dtype=dt, kernel_init=_normal(proj_std), rngs=rngs)
+        self.c_fc = _linear(width, hidden, dt, (2 * width) ** -0.5, rngs)
+        self.c_proj = _linear(hidden, width, dt, proj_std, rngs)
         # "gelu" is the exact erf form, as torch's nn.GELU in open_clip and HF's "gelu".
         self.act = quick_gelu if cfg.activation == "quick_gelu" else partial(jax.nn.gelu, approximate=False)
 
