@@ -53,8 +53,14 @@ def _take(ds, n):
 
 
 def test_pairs_batch_shapes_dtypes_and_content(source, index):
+    host = _cfg()
+    host.aug.on_device = False  # normalised and erased on the host: float32 images, no rectangles
+    (host_batch,) = _take(pipeline.pairs_train(source, index, host, seed=0), 1)
+    assert host_batch["image"].shape == (8, H, W, 3) and host_batch["image"].dtype == np.float32
+    assert "erase" not in host_batch
     batch = _take(pipeline.pairs_train(source, index, _cfg(), seed=0), 1)[0]
-    assert batch["image"].shape == (8, H, W, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (8, H, W, 3) and batch["image"].dtype == np.uint8  # the default: on the device
+    assert batch["erase"].shape == (8, 4) and batch["erase"].dtype == np.int32
     assert batch["text"].shape == (8, 16) and batch["text"].dtype == np.int32
     assert batch["part_boxes"].shape == (8, 3, 4)
     for j, rec_id in enumerate(batch["image_index"]):
@@ -205,6 +211,24 @@ def test_flip_and_crop_move_boxes_with_the_pixels():
         assert (out[y0:y1, x0:x1] == 255).all()  # the box still covers the block...
         assert (out == 255).all(-1).sum() == (y1 - y0) * (x1 - x0)  # ...and only it
         assert (b[1] == -1).all()  # absent stays absent
+
+
+def test_pad_crop_equals_padding_the_whole_image_then_cropping():
+    """pad_crop copies only the window's part inside the image (into a given buffer too): the pixels of np.pad +
+    crop, for mirrored views as well; the same draws from the generator."""
+    image = np.random.default_rng(1).integers(0, 256, (30, 14, 3)).astype(np.uint8)
+    boxes = np.zeros((1, 4), np.float32)
+    for seed in range(40):
+        src = image[:, ::-1] if seed % 2 else image
+        rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        out = np.full(image.shape, 7, np.uint8) if seed % 3 else None  # a reused batch row holds old pixels
+        got, _ = transforms.pad_crop(src, boxes, 5, rng, out=out)
+        top, left = ref_rng.integers(0, 11, size=2)
+        np.testing.assert_array_equal(got, np.pad(src, ((5, 5), (5, 5), (0, 0)))[top: top + 30, left: left + 14])
+        assert rng.random() == ref_rng.random()  # the generator is left where it was
+    out = np.zeros_like(image)
+    got, _ = transforms.pad_crop(image[:, ::-1], boxes, 0, np.random.default_rng(0), out=out)
+    assert got is out and np.array_equal(out, image[:, ::-1])
 
 
 def test_normalize_and_erasing():

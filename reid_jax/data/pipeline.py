@@ -11,10 +11,13 @@ Streams:
   * `pk_train`: image ReID with identity-balanced batches, P identities x K images;
   * `eval_images` / `eval_captions`: fixed order, the tail padded, `valid` marks real rows.
 
-Batch fields: image float32 [B, H, W, 3] (normalised), text int32 [B, L], pid int32 [B] (contiguous training
-label; the dataset's own id in evaluation), camid int32 [B], part_boxes float32 [B, 3, 4], index int32 [B] (the
-example id: stable across epochs, for per-example state such as NAM's similarity table), image_index int32 [B]
-(record id), valid bool [B] (evaluation).
+Batch fields: image uint8 [B, H, W, 3] (resized, flipped, cropped: `config.data.aug.on_device`, the default) or
+float32 [B, H, W, 3] (normalised and erased on the host), erase int32 [B, 4] (training with on_device: each
+example's erasing rectangle top, left, height, width; height 0 = none), text int32 [B, L], pid int32 [B]
+(contiguous training label; the dataset's own id in evaluation), camid int32 [B], part_boxes float32 [B, 3, 4],
+index int32 [B] (the example id: stable across epochs, for per-example state such as NAM's similarity table),
+image_index int32 [B] (record id), valid bool [B] (evaluation). uint8 images become the float32 ones on the device:
+`reid_jax.data.device.prepare_images` (in the jitted training step and `reid_jax.eval.encode.encode_stream`).
 """
 
 from __future__ import annotations
@@ -136,41 +139,63 @@ def _example_rngs(seed: int, positions: np.ndarray) -> list[np.random.Generator]
     return [np.random.default_rng([seed, int(p)]) for p in positions]
 
 
-def _augment(rec: dict, cfg, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    return transforms.train_transform(rec["image"], np.asarray(rec["part_boxes"]), cfg.aug, rng)
+def on_device(aug: ml_collections.ConfigDict) -> bool:
+    """Whether the device normalises and erases (`config.data.aug.on_device`; configs saved before the field
+    existed: the host, as then)."""
+    return bool(aug.get("on_device", False))
+
+
+class _Augmented:
+    """The augmented images of one batch as they are made, and their fields: image, part_boxes and, when the
+    device normalises, erase. uint8 images go straight into one preallocated [B, H, W, 3] array."""
+
+    def __init__(self, aug: ml_collections.ConfigDict, size: int):
+        self.aug, self.uint8 = aug, on_device(aug)
+        self.images = np.empty((size, *aug.image_size, 3), np.uint8) if self.uint8 else []
+        self.boxes, self.erase = [], np.zeros((size, 4), np.int32)
+
+    def add(self, rec: dict, rng: np.random.Generator, draws_follow: bool) -> None:
+        """Augments `rec`'s image with `rng`; `draws_follow`: something is drawn from `rng` afterwards."""
+        boxes = np.asarray(rec["part_boxes"])
+        i = len(self.boxes)
+        if self.uint8:
+            _, boxes, self.erase[i] = transforms.train_transform_uint8(rec["image"], boxes, self.aug, rng,
+                                                                       out=self.images[i], draws_follow=draws_follow)
+        else:
+            image, boxes = transforms.train_transform(rec["image"], boxes, self.aug, rng)
+            self.images.append(image)
+        self.boxes.append(boxes)
+
+    def fields(self) -> dict:
+        images = self.images if self.uint8 else np.stack(self.images)
+        return {"image": images, "part_boxes": np.stack(self.boxes)} | ({"erase": self.erase} if self.uint8 else {})
 
 
 def _load_pairs(source, examples, labels, cfg, seed: int, items: np.ndarray) -> dict:
     """[B, 2] (stream position, example id) -> a batch of augmented images and one tokenised caption each."""
     positions, ids = items[:, 0], items[:, 1]
     record_ids, caption_ids = examples[0][ids], examples[1][ids]
-    images, boxes, captions = [], [], []
+    images, captions = _Augmented(cfg.aug, len(ids)), []
     for rec, cap, rng in zip(read(source, record_ids), caption_ids, _example_rngs(seed, positions)):
-        image, box = _augment(rec, cfg, rng)
-        images.append(image)
-        boxes.append(box)
+        images.add(rec, rng, draws_follow=cap < 0)
         cap = int(rng.integers(len(rec["captions"]))) if cap < 0 else cap
         captions.append(as_str(rec["captions"][cap]))
-    return {"image": np.stack(images), "text": tokenizer.tokenize(captions, cfg.context_length),
-            "pid": labels[record_ids], "part_boxes": np.stack(boxes), "index": ids.astype(np.int32),
-            "image_index": record_ids.astype(np.int32)}
+    return images.fields() | {"text": tokenizer.tokenize(captions, cfg.context_length), "pid": labels[record_ids],
+                              "index": ids.astype(np.int32), "image_index": record_ids.astype(np.int32)}
 
 
 def _load_images(source, labels, cfg, seed: int, captions: bool, items: np.ndarray) -> dict:
     """[B, 2] (stream position, record id) -> a batch of augmented images (image ReID), with one tokenised caption
     drawn per image visit if `captions`."""
     positions, record_ids = items[:, 0], items[:, 1]
-    images, boxes, camids, texts = [], [], [], []
+    images, camids, texts = _Augmented(cfg.aug, len(record_ids)), [], []
     for rec, rng in zip(read(source, record_ids), _example_rngs(seed, positions)):
-        image, box = _augment(rec, cfg, rng)
-        images.append(image)
-        boxes.append(box)
+        images.add(rec, rng, draws_follow=captions)
         camids.append(rec["camid"])
         if captions:
             texts.append(as_str(rec["captions"][int(rng.integers(len(rec["captions"])))]))
-    batch = {"image": np.stack(images), "pid": labels[record_ids], "camid": np.asarray(camids, np.int32),
-             "part_boxes": np.stack(boxes), "index": record_ids.astype(np.int32),
-             "image_index": record_ids.astype(np.int32)}
+    batch = images.fields() | {"pid": labels[record_ids], "camid": np.asarray(camids, np.int32),
+                               "index": record_ids.astype(np.int32), "image_index": record_ids.astype(np.int32)}
     return batch | ({"text": tokenizer.tokenize(texts, cfg.context_length)} if captions else {})
 
 
@@ -220,10 +245,13 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     return ds
 
 
-def _counted(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
-    """An evaluation stream that knows its length (`num_batches`, for progress bars)."""
+def _counted(ds: grain.MapDataset, num_workers: int, aug: ml_collections.ConfigDict | None = None
+             ) -> grain.IterDataset:
+    """An evaluation stream that knows its length (`num_batches`, for progress bars) and, when its images are
+    uint8, the `aug` config that normalises them on the device (`aug`, else None)."""
     it = _to_iter(ds, num_workers)
     it.num_batches = len(ds)
+    it.aug = aug
     return it
 
 
@@ -289,19 +317,30 @@ def _eval_positions(n: int, batch_size: int, shard: Shard) -> grain.MapDataset:
 
 def eval_images(source, cfg: ml_collections.ConfigDict, *, batch_size: int, shard: Shard = Shard(),
                 num_workers: int = 0) -> grain.IterDataset:
-    """Every record once, in order: image (resized, normalised), pid, camid and part boxes as stored, valid."""
+    """Every record once, in order: image (resized; normalised too unless `config.data.aug.on_device`, whose uint8
+    images the stream's `aug` normalises on the device), pid, camid and part boxes as stored, valid."""
+    uint8 = on_device(cfg.aug)
+
+    def images(recs) -> np.ndarray:
+        if not uint8:
+            return np.stack([transforms.eval_transform(r["image"], cfg.aug) for r in recs])
+        out = np.empty((len(recs), *cfg.aug.image_size, 3), np.uint8)
+        for row, r in zip(out, recs):
+            row[...] = transforms.eval_resize(r["image"], cfg.aug)
+        return out
 
     def load(positions):
         valid = positions >= 0
         ids = np.where(valid, positions, 0)
         recs = read(source, ids)
-        return {"image": np.stack([transforms.eval_transform(r["image"], cfg.aug) for r in recs]),
+        return {"image": images(recs),
                 "pid": np.asarray([r["pid"] for r in recs], np.int32),
                 "camid": np.asarray([r["camid"] for r in recs], np.int32),
                 "part_boxes": np.stack([np.asarray(r["part_boxes"], np.float32) for r in recs]),
                 "image_index": ids.astype(np.int32), "valid": valid}
 
-    return _counted(_eval_positions(len(source), batch_size, shard).map(load), num_workers)
+    return _counted(_eval_positions(len(source), batch_size, shard).map(load), num_workers,
+                    cfg.aug if uint8 else None)
 
 
 def eval_captions(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, batch_size: int,

@@ -6,6 +6,16 @@ fraction and aspect ratio ranges, filled with a constant). Part boxes (normalise
 follow every geometric step, so image and part masks are always flipped and cropped together (MUVA). Evaluation:
 resize (`test_interpolation`, bilinear for all three methods' code) + normalise only.
 
+Two places to run the last two steps (`config.data.aug.on_device`):
+  * True (default): the host does the integer steps (resize, flip, pad + crop) and hands uint8 images on, each with
+    the rectangle random erasing drew (`train_transform_uint8`); the jitted step normalises and paints the
+    rectangle on the accelerator (`reid_jax.data.device.prepare_images`). A quarter of the bytes to copy and
+    send, and the host's float work gone.
+  * False: everything on the host, float32 images out (`train_transform`, `eval_transform`).
+Both draw the same random numbers in the same order, so a seed gives the same geometry, erasing rectangles and
+captions either way; the images agree to float32 rounding (fills 'mean' and 'zero'), the 'random' fill's noise
+values come from jax.random on the device.
+
 Each function takes an explicit `np.random.Generator`, so a pipeline is deterministic given its seed no matter
 how many worker processes run it.
 """
@@ -58,19 +68,41 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return image[:, ::-1], flipped
 
 
-def pad_crop(image: np.ndarray, boxes: np.ndarray, pad: int, rng: np.random.Generator):
-    """Zero-pad by `pad` on every side, crop a random window of the original size; boxes shifted and clipped."""
+def pad_crop(image: np.ndarray, boxes: np.ndarray, pad: int, rng: np.random.Generator,
+             out: np.ndarray | None = None):
+    """Zero-pad by `pad` on every side, crop a random window of the original size; boxes shifted and clipped.
+
+    Cropped first: only the part of the window inside the image is copied (into `out` [H, W, C] when given, e.g.
+    a row of the batch), the rest zeroed; the same pixels as padding the whole image and cropping.
+    """
     if pad <= 0:
-        return image, boxes
+        if out is None:
+            return image, boxes
+        _copy(out, image)
+        return out, boxes
     h, w = image.shape[:2]
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
     top, left = rng.integers(0, 2 * pad + 1, size=2)
-    out = padded[top: top + h, left: left + w]
+    out = np.zeros_like(image) if out is None else out
+    dy, dx = int(top) - pad, int(left) - pad  # the window's corner in the image (negative = in the padding)
+    y0, y1, x0, x1 = max(dy, 0), min(dy + h, h), max(dx, 0), min(dx + w, w)
+    if dy or dx:
+        out[...] = 0
+    _copy(out[y0 - dy: y1 - dy, x0 - dx: x1 - dx], image[y0:y1, x0:x1])
     shifted = boxes.copy()
     present = boxes[:, 0] >= 0
     shift = np.array([(pad - left) / w, (pad - top) / h] * 2, np.float32)
     shifted[present] = np.clip(boxes[present] + shift, 0.0, 1.0)
     return out, shifted
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src for images [h, w, C]. A mirrored view (`hflip`) is copied one channel at a time: numpy copies
+    it 3 bytes at a time otherwise, 5x slower."""
+    if src.strides[1] < 0:
+        for c in range(src.shape[2]):
+            dst[..., c] = src[..., c]
+    else:
+        dst[...] = src
 
 
 def normalize(image: np.ndarray, mean_std: str) -> np.ndarray:
@@ -79,11 +111,10 @@ def normalize(image: np.ndarray, mean_std: str) -> np.ndarray:
     return (image.astype(np.float32) / 255.0 - mean) / std
 
 
-def random_erase(image: np.ndarray, rng: np.random.Generator, area: tuple[float, float],
-                 ratio: tuple[float, float], fill, attempts: int = 10) -> np.ndarray:
-    """torchvision RandomErasing on a normalised float image [H, W, C]: one rectangle set to
-    `fill(shape, rng)`."""
-    h, w = image.shape[:2]
+def erase_box(h: int, w: int, rng: np.random.Generator, area: tuple[float, float], ratio: tuple[float, float],
+              attempts: int = 10) -> tuple[int, int, int, int] | None:
+    """torchvision RandomErasing's rectangle on an h x w image: (top, left, height, width), or None when no
+    attempt fits."""
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(attempts):  # torchvision's rejection loop: retry until the rectangle fits
         target = h * w * rng.uniform(*area)
@@ -91,10 +122,21 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, area: tuple[float,
         eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if eh < h and ew < w:
             top, left = rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1)
-            out = image.copy()
-            out[top: top + eh, left: left + ew] = fill((eh, ew, image.shape[2]), rng)
-            return out
-    return image
+            return int(top), int(left), eh, ew
+    return None
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator, area: tuple[float, float],
+                 ratio: tuple[float, float], fill, attempts: int = 10) -> np.ndarray:
+    """torchvision RandomErasing on a normalised float image [H, W, C]: one rectangle set to
+    `fill(shape, rng)`."""
+    box = erase_box(*image.shape[:2], rng, area, ratio, attempts)
+    if box is None:
+        return image
+    top, left, eh, ew = box
+    out = image.copy()
+    out[top: top + eh, left: left + ew] = fill((eh, ew, image.shape[2]), rng)
+    return out
 
 
 ERASE_FILLS = ("mean", "zero", "random")
@@ -127,9 +169,38 @@ def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.Co
     return out, boxes
 
 
+def train_transform_uint8(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
+                          rng: np.random.Generator, out: np.ndarray | None = None, draws_follow: bool = True):
+    """`train_transform` without its float steps: uint8 [h, w, 3], boxes [R, 4] -> uint8 [H, W, 3] (written into
+    `out` when given), boxes [R, 4], and the erasing rectangle int32 [4] = (top, left, height, width), all 0 when
+    the example is not erased; `reid_jax.data.device.prepare_images` normalises and erases on the device.
+
+    The same draws from `rng` in the same order as `train_transform`. For the 'random' fill that includes the
+    noise the host would have drawn (then thrown away), so that whatever is drawn from `rng` afterwards (a
+    caption) is the host path's too; `draws_follow=False` skips that when nothing follows.
+    """
+    image = resize(check_rgb(image), tuple(cfg.image_size), cfg.train_interpolation)
+    if rng.random() < cfg.flip_prob:
+        image, boxes = hflip(image, boxes)
+    out, boxes = pad_crop(image, boxes, cfg.pad, rng, out=out if out is not None else np.empty_like(image))
+    erase = np.zeros(4, np.int32)
+    if rng.random() < cfg.erase_prob:
+        box = erase_box(*out.shape[:2], rng, tuple(cfg.erase_area), tuple(cfg.erase_ratio))
+        if box is not None:
+            erase[:] = box
+            if draws_follow and cfg.erase_fill == "random":
+                rng.standard_normal((box[2], box[3], out.shape[2]))  # as erase_value's draw: keeps rng in step
+    return out, boxes, erase
+
+
+def eval_resize(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [H, W, 3]: evaluation's host part when the device normalises."""
+    return resize(check_rgb(image), tuple(cfg.image_size), cfg.test_interpolation)
+
+
 def eval_transform(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 [h, w, 3] -> float32 [H, W, 3] resized and normalised."""
-    return normalize(resize(check_rgb(image), tuple(cfg.image_size), cfg.test_interpolation), cfg.mean_std)
+    return normalize(eval_resize(image, cfg), cfg.mean_std)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -138,4 +209,8 @@ def default_config() -> ml_collections.ConfigDict:
         "image_size": (384, 128), "mean_std": "clip",
         "train_interpolation": "bilinear", "test_interpolation": "bilinear",  # torchvision's Resize default
         "flip_prob": 0.5, "pad": 10,
-        "erase_prob": 0.5, "erase_area": (0.02, 0.4), "erase_ratio": (0.3, 3.3), "erase_fill": "mean"})
+        "erase_prob": 0.5, "erase_area": (0.02, 0.4), "erase_ratio": (0.3, 3.3), "erase_fill": "mean",
+        # where normalising and erasing run: True = on the accelerator, inside the jitted step, from uint8 images
+        # (a quarter of the bytes, no float work on the host); False = on the host, float32 images as before.
+        # The same images either way (module docstring); no paper default depends on it
+        "on_device": True})

@@ -36,6 +36,7 @@ from clu import parameter_overview
 from flax import nnx
 from tqdm import tqdm
 
+from reid_jax.data import device
 from reid_jax.data.pipeline import Shard, close_stream
 from reid_jax.errors import UserError, warn
 from reid_jax.files import write_text_atomically
@@ -204,6 +205,27 @@ def _parameter_table(workdir: Path, model: nnx.Module) -> None:
     write_text_atomically(Path(workdir) / "parameters.txt", table + "\n")
 
 
+def jitted_step(config: ml_collections.ConfigDict, task, graphdef, shardings):
+    """The training step `fit` runs: (state, global batch, step) -> (state, metrics), jitted, the state donated.
+    The step's rng is fold_in(key(config.seed), step), so a resumed run draws what the uninterrupted one did;
+    uint8 images are normalised and erased on the device first (`device.prepare_images`), for every task."""
+
+    @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
+    def train_step(state, batch, step):
+        ts = nnx.merge(graphdef, state)
+        rng = jax.random.fold_in(jax.random.key(config.seed), step)
+        metrics = task.train_step(ts, device.prepare_images(batch, config.data.aug, rng), rng)
+        return nnx.state(ts), metrics
+
+    return train_step
+
+
+def prefetch(iterator, mesh, depth: int = 2) -> device.DevicePrefetch:
+    """(global batch on the mesh, iterator state after it) pairs, the next `depth` read and transferred in the
+    background while a step runs."""
+    return device.DevicePrefetch(iterator, lambda local: mesh_lib.global_batch(local, mesh), depth)
+
+
 def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     """Trains `task` to config.train.epochs (resuming from workdir's newest readable checkpoint); returns the model.
 
@@ -223,6 +245,8 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         _check_resume(config, meta, workdir / "checkpoints")
         iterator.set_state(data_state)
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
+    # the stream's position after the last batch trained on: what a checkpoint stores (the reader runs ahead)
+    consumed = {"state": iterator.get_state()}
     writer = MetricWriter(workdir, resume_step=start)
     _parameter_table(workdir, nnx.merge(graphdef, state).model)
     _save_config(workdir, config)
@@ -231,12 +255,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     for c in best_ckpt.values():
         c.drop_after(start)  # saved by the interrupted run after `start`: the replay saves them again
 
-    @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
-    def train_step(state, batch, step):
-        ts = nnx.merge(graphdef, state)
-        metrics = task.train_step(ts, batch, jax.random.fold_in(jax.random.key(config.seed), step))
-        return nnx.state(ts), metrics
-
+    train_step = jitted_step(config, task, graphdef, shardings)
     saved = {start} if restored is not None else set()
 
     def settle():
@@ -248,7 +267,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     def save(step, state):
         if step not in saved:
             settle()
-            ckpt.save(step, state, iterator.get_state(), meta)
+            ckpt.save(step, state, consumed["state"], meta)
             saved.add(step)
 
     if restored is None and hasattr(task, "prepare"):
@@ -276,7 +295,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
 
     total, spe = task.total_steps, task.steps_per_epoch
     bar = tqdm(total=total, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
-    t_log, last, done, batch = time.perf_counter(), start, start, None
+    t_log, last, done, batch, ahead = time.perf_counter(), start, start, None, None
     try:
         with preemption.stop_signals() as signals:
             guard = signals.deferred if signals else contextlib.nullcontext
@@ -285,6 +304,8 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
                         workdir):
                     bar.write(f"evaluating step {start}: the interrupted run had not finished this evaluation")
                     evaluate(start, state, guard)
+                if start < total:  # the first batches are read and sent while the step compiles
+                    ahead = prefetch(iterator, mesh)
                 for step in range(start, total):
                     with guard():
                         if step and step % spe == 0 and hasattr(task, "start_epoch"):
@@ -292,7 +313,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
                             ts = nnx.merge(graphdef, state)
                             task.start_epoch(ts, mesh)
                             state = jax.device_put(nnx.state(ts), shardings)
-                        batch = mesh_lib.global_batch(next(iterator), mesh)
+                        batch, consumed["state"] = next(ahead)
                         if step == start:
                             bar.write("compiling the training step...")
                         state, metrics = train_step(state, batch, step)
@@ -337,6 +358,8 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
         settle()
         writer.close()
         batch = None
+        if ahead is not None:
+            ahead.close()
         close_stream(iterator)
     return nnx.merge(graphdef, state).model
 
