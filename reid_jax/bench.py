@@ -127,8 +127,9 @@ def train_flops(cfg: clip_lib.CLIPConfig, batch: int) -> float:
     return 3.0 * batch * (image + text)
 
 
-def bench_train_step(args) -> None:
-    """One TDE training step (SDM on image CLS vs caption EOT, AdamW), ViT-B/16; compilation not timed."""
+def _jax_train_step(args):
+    """One TDE training step (SDM on image CLS vs caption EOT, AdamW) as the trainer runs it, compiled ->
+    (run: one step, blocking, `hlo_text`, cfg, compile seconds)."""
     import jax.numpy as jnp
     import optax
 
@@ -136,8 +137,7 @@ def bench_train_step(args) -> None:
 
     preset = {"vit-b-16": clip_lib.CLIPConfig.vit_b16, "tiny": clip_lib.CLIPConfig.tiny}[args.model]
     cfg = preset(image_size=args.image_size, stride=args.stride, dtype=args.dtype, remat=args.remat,
-                 scan_layers=args.scan, attention=args.attention,
-                 pad_tokens_to=args.pad_tokens_to)
+                 scan_layers=args.scan, attention=args.attention, pad_tokens_to=args.pad_tokens_to)
     model = clip_lib.CLIP(cfg, rngs=nnx.Rngs(0))
     # model + optimizer as the trainer holds them (loop.TrainState), without importing the data stack
     graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-5), wrt=nnx.Param)))
@@ -149,50 +149,75 @@ def bench_train_step(args) -> None:
     batch = {"image": jnp.asarray(rng.normal(size=(args.batch, *args.image_size, 3)), jnp.float32),
              "text": jnp.asarray(ids), "pid": jnp.arange(args.batch)}
 
-    def make_step(graphdef):
-        def step(state, batch):
-            model, opt = nnx.merge(graphdef, state)
+    def step(state, batch):
+        model, opt = nnx.merge(graphdef, state)
 
-            def loss_fn(model):
-                return losses.sdm(model.image_features(batch["image"]), model.text_features(batch["text"]),
-                                  batch["pid"])
+        def loss_fn(model):
+            return losses.sdm(model.image_features(batch["image"]), model.text_features(batch["text"]), batch["pid"])
 
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            opt.update(model, grads)
-            return nnx.state((model, opt)), loss
-        return step
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
 
     t0 = time.perf_counter()
-    compiled = jax.jit(make_step(graphdef), donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = train_flops(cfg, args.batch)
-    state, loss = compiled(state, batch)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, loss = compiled(state, batch)
+    holder = [state]  # the state is donated: each step consumes the one before
+
+    def run():
+        holder[0], loss = compiled(holder[0], batch)
         jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+
+    return run, compiled.as_text(), cfg, compile_s
+
+
+def _step_seconds(runs: dict, steps: int) -> dict[str, list[float]]:
+    """Each run once untimed (warm-up), then `steps` rounds in which every run takes one timed step in turn: runs
+    compared this way see the same machine load."""
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(steps):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_train_step(args) -> None:
+    """The TDE training step's time, pairs/s and MFU; with `--vs-torch`, alternating with PyTorch's same step."""
+    if args.torch:
+        run, threads = _torch_train_step(args)
+        step_s = statistics.median(_step_seconds({"torch": run}, args.steps)["torch"])
+        print(json.dumps({"bench": "train_step_torch", "batch": args.batch, "image_size": list(args.image_size),
+                          "amp": args.amp, "device": args.device, "threads": threads,
+                          "step_ms": round(step_s * 1e3, 1), "pairs_per_s": round(args.batch / step_s, 2)}),
+              flush=True)
+        return
+    run, hlo_text, cfg, compile_s = _jax_train_step(args)
+    runs = {"jax": run}
+    if args.vs_torch:
+        runs["torch"], threads = _torch_train_step(args)
+    times = _step_seconds(runs, args.steps)
+    step_s = statistics.median(times["jax"])
     if args.profile:
-        holder = [state]  # the state is donated: each step consumes the one before
-
-        def one_step():
-            holder[0], loss = compiled(holder[0], batch)
-            jax.block_until_ready(loss)
-
-        _print_profile(one_step, compiled.as_text(), step_s, args)
-    peak = _peak_flops(args)
-    print(json.dumps({"bench": "train_step", "model": args.model, "batch": args.batch,
-                      "image_size": list(args.image_size), "dtype": args.dtype, "remat": args.remat,
-                      "scan_layers": args.scan,
-                      "attention": clip_lib.attention_implementation(cfg, cfg.vision.width // cfg.vision.heads),
-                      "pad_tokens_to": model.visual.transformer.pad_tokens_to,
-                      "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 2),
-                      "step_ms": round(step_s * 1e3, 1), "pairs_per_s": round(args.batch / step_s, 2),
-                      "tflops_per_s": round(flops / step_s / 1e12, 3) if flops else None,
-                      "mfu": round(flops / step_s / peak, 4) if flops and peak else None}), flush=True)
+        _print_profile(run, hlo_text, step_s, args)
+    flops, peak = train_flops(cfg, args.batch), _peak_flops(args)
+    row = {"bench": "train_step", "model": args.model, "batch": args.batch, "image_size": list(args.image_size),
+           "dtype": args.dtype, "remat": args.remat, "scan_layers": args.scan,
+           "attention": clip_lib.attention_implementation(cfg, cfg.vision.width // cfg.vision.heads),
+           "pad_tokens_to": cfg.pad_tokens_to, "device": jax.devices()[0].device_kind,
+           "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 1),
+           "pairs_per_s": round(args.batch / step_s, 2), "tflops_per_s": round(flops / step_s / 1e12, 3),
+           "mfu": round(flops / step_s / peak, 4) if peak else None}
+    if args.vs_torch:  # per round: torch's time over ours, so a slow moment of the machine hits both
+        ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
+        row |= {"torch_amp": args.amp, "torch_threads": threads,
+                "torch_step_ms": round(statistics.median(times["torch"]) * 1e3, 1),
+                "speedup_vs_torch": round(statistics.median(ratios), 3),
+                "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+    print(json.dumps(row), flush=True)
 
 
 def _print_profile(run, hlo_text: str, step_s: float, args) -> None:
@@ -212,9 +237,10 @@ def _print_profile(run, hlo_text: str, step_s: float, args) -> None:
                       "step_ms": round(step_s * 1e3, 1)}), flush=True)
 
 
-def bench_train_step_torch(args) -> None:
+def _torch_train_step(args):
     """The same step in PyTorch with OpenAI's CLIP model code (clip-anytorch's clip/model.py, installed with
-    `pip install --no-deps clip-anytorch`), SDM written in torch, AdamW: the reference for `train_step`."""
+    `pip install --no-deps clip-anytorch`), SDM written in torch, AdamW (`--amp`: bfloat16 autocast): the reference
+    for `train_step` -> (run: one step, blocking, torch's thread count)."""
     import importlib.util
     from pathlib import Path
 
@@ -253,23 +279,54 @@ def bench_train_step_torch(args) -> None:
         kl = lambda z: (F.softmax(z, 1) * (F.log_softmax(z, 1) - torch.log(q + 1e-8))).sum(1).mean()
         return kl(t2i) + kl(t2i.t())
 
-    times = []
-    for i in range(args.steps + 2):
-        sync()
-        t0 = time.perf_counter()
+    def run():
         opt.zero_grad()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss = sdm(model.encode_image(images), model.encode_text(ids))
         loss.backward()
         opt.step()
         sync()
-        if i > 1:  # the first steps warm the allocator and kernels up
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    print(json.dumps({"bench": "train_step_torch", "batch": args.batch, "image_size": list(args.image_size),
-                      "amp": args.amp, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "threads": torch.get_num_threads(), "step_ms": round(step_s * 1e3, 1),
-                      "pairs_per_s": round(args.batch / step_s, 2)}), flush=True)
+
+    run()  # the first steps warm the allocator and kernels up
+    return run, torch.get_num_threads()
+
+
+def bench_attention(args) -> None:
+    """The blocks' attention as `CLIP` runs it (tokens padded to `--pad-to` with the pad keys masked) for each
+    implementation this device has: forward + backward time, and the largest difference of the output and of the
+    q / k / v gradients from XLA's, relative to their largest magnitude."""
+    import jax.numpy as jnp
+
+    b, t, h, d = args.batch, args.tokens, args.heads, args.head_dim
+    padded = clip_lib.padded_length(t, args.pad_to)
+    q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(b, padded, h, d)), args.dtype) for i in range(3))
+    cot = jnp.asarray(np.random.default_rng(3).normal(size=(b, padded, h, d)), args.dtype)
+    lengths = jnp.full((b,), t, jnp.int32) if padded != t and not args.causal else None
+
+    def attention(impl):
+        def loss(q, k, v):
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=args.causal, key_value_seq_lengths=lengths,
+                                               implementation=impl)
+            return jnp.sum((out * cot)[:, :t].astype(jnp.float32)), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    results = {}
+    for impl in ("xla", "cudnn"):
+        try:
+            fn = attention(impl)
+            (_, out), grads = fn(q, k, v)
+        except Exception as e:  # cuDNN absent (CPU) or refusing the shape: reported, not fatal
+            print(json.dumps({"bench": "attention", "implementation": impl, "error": str(e).splitlines()[0][:200]}))
+            continue
+        _, seconds = _run_seconds(lambda: fn(q, k, v), args.repeats)
+        results[impl] = [np.asarray(x[:, :t], np.float32) for x in (out, *grads)]
+        row = {"bench": "attention", "implementation": impl, "device": jax.devices()[0].device_kind, "batch": b,
+               "tokens": t, "padded_to": padded, "heads": h, "head_dim": d, "causal": args.causal,
+               "dtype": args.dtype, "fwd_bwd_ms": round(seconds * 1e3, 3)}
+        if impl != "xla" and "xla" in results:
+            for name, a, ref in zip(("out", "dq", "dk", "dv"), results[impl], results["xla"]):
+                row[f"{name}_rel_err"] = float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
+        print(json.dumps(row), flush=True)
 
 
 def bench_eval(args) -> None:
@@ -383,7 +440,20 @@ def main(argv=None) -> None:
     trs.add_argument("--torch", action="store_true", help="time the PyTorch reference step instead (ViT-B/16)")
     trs.add_argument("--profile", type=int, default=0, metavar="TOP",
                      help="also trace two steps and print the TOP longest ops and the time per kind of op")
-    trs.set_defaults(fn=lambda a: bench_train_step_torch(a) if a.torch else bench_train_step(a))
+    trs.add_argument("--vs-torch", action="store_true",
+                     help="also run PyTorch's step (--amp for autocast), alternating step by step, and report the "
+                          "speed-up")
+    trs.set_defaults(fn=bench_train_step)
+    att = sub.add_parser("attention", help="XLA vs cuDNN attention: time and agreement (values, gradients)")
+    att.add_argument("--batch", type=int, default=64)
+    att.add_argument("--tokens", type=int, default=193, help="193: ViT-B/16 at 384x128; 77: the text")
+    att.add_argument("--pad-to", type=int, default=2)
+    att.add_argument("--heads", type=int, default=12)
+    att.add_argument("--head-dim", type=int, default=64)
+    att.add_argument("--causal", action="store_true")
+    att.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    att.add_argument("--repeats", type=int, default=20)
+    att.set_defaults(fn=bench_attention)
     ev = sub.add_parser("eval", help="text-to-image metric time (compilation excluded)")
     ev.add_argument("--queries", type=int, default=6156)
     ev.add_argument("--gallery", type=int, default=3074)
