@@ -84,6 +84,7 @@ def bench_data(args) -> None:
     index = index_lib.split_index(args.dataset, args.split, args.data_dir, args.config)
     aug = transforms.default_config()
     aug.image_size = args.image_size
+    aug.on_device = args.on_device
     for workers in args.workers:
         cfg = ml_collections.ConfigDict({"batch_size": args.batch, "caption_mode": "random", "context_length": 77,
                                          "num_epochs": None, "num_workers": workers, "aug": aug})
@@ -96,6 +97,7 @@ def bench_data(args) -> None:
         seconds = time.perf_counter() - t0
         rate = args.batch * args.batches / seconds
         print(json.dumps({"bench": "data", "dataset": args.dataset, "image_size": list(args.image_size),
+                          "on_device": args.on_device,
                           "batch": args.batch, "workers": workers, "images_per_s": round(rate, 1),
                           "images_per_s_per_worker": round(rate / max(workers, 1), 1)}), flush=True)
 
@@ -485,9 +487,13 @@ def main(argv=None) -> None:
     dat.add_argument("--batches", type=int, default=30)
     dat.add_argument("--warmup", type=int, default=3)
     dat.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    dat.add_argument("--on-device", action=argparse.BooleanOptionalAction, default=True,
+                     help="uint8 images, normalised and erased on the device (config.data.aug.on_device)")
     dat.set_defaults(fn=bench_data)
     from reid_jax.search import bench as search_bench
+    from reid_jax.train import bench as train_bench
     search_bench.add_parsers(sub, _hw)
+    train_bench.add_parsers(sub, _hw)
     args = parser.parse_args(argv)
     args.fn(args)
 

@@ -265,6 +265,28 @@ def test_padded_masked_attention_equals_unpadded(scan):
         assert_close(a[...], b[...], SAME_MATH, f"gradient {'.'.join(map(str, k))}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_heads_first_attention_equals_jax_attention(dtype):
+    """The CPU attention against jax.nn.dot_product_attention (XLA): plain, with a bias, causal, with masked pad keys;
+    values and the gradients of q, k, v."""
+    rng = np.random.default_rng(12)
+    q, k, v, c = (jnp.asarray(rng.normal(size=(2, 9, 3, 8)), dtype) for _ in range(4))
+    bias = jnp.asarray(rng.normal(size=(2, 1, 9, 9)), jnp.float32)
+    tol = SAME_MATH if dtype == "float32" else BF16_REL_ERR
+    for kw in ({}, {"bias": bias}, {"is_causal": True}, {"keys": 6}):
+        def loss(fn):
+            return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * c)
+
+        ours = lambda q, k, v: clip_lib.heads_first_attention(q, k, v, **kw)
+        ref_kw = {"bias": bias.astype(dtype)} if "bias" in kw else {"is_causal": kw.get("is_causal", False)}
+        if "keys" in kw:
+            ref_kw = {"key_value_seq_lengths": jnp.full((2,), 6, jnp.int32)}
+        ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla", **ref_kw)
+        assert_close(ours(q, k, v), ref(q, k, v), tol, f"attention {kw.keys()}")
+        for name, a, b in zip("qkv", jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+            assert_close(a, b, tol, f"d{name} {kw.keys()}")
+
+
 def test_attention_implementation_choice():
     """cuDNN only where its kernel runs: never on CPU, whatever the dtype; an explicit choice is kept."""
     for dtype in ("float32", "bfloat16"):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from reid_jax import data, losses
-from reid_jax.data import box_calibration, simulated_grounding, transforms
+from reid_jax.data import box_calibration, device, simulated_grounding, transforms
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import muva as muva_lib
 from reid_jax.models.memory import update_hard
@@ -276,7 +276,7 @@ def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
                    "model.bnneck.scale", "model.bnneck.mean", "model.bnneck.var", "heads.classifier.", "memory"):
         assert any(n.startswith(prefix) for n in moved), prefix
     # two running-statistics updates (momentum 0.1) from the batch mean of f
-    feats = np.asarray(ts.model.encode(batch["image"])[0])
+    feats = np.asarray(ts.model.encode(device.prepare_images(batch, c.data.aug, jax.random.key(0))["image"])[0])
     m0 = before[("model", "bnneck", "mean")]
     assert_close(after[("model", "bnneck", "mean")][...], 0.81 * m0 + 0.19 * feats.mean(0), 1e-4, "BN mean")
 
@@ -297,6 +297,7 @@ def test_memory_rebuild_is_the_normalised_mean_of_normalised_bn_features(data_di
     def want():
         feats = []
         for b in pipeline.eval_images(task.source, c.data, batch_size=16):
+            b = device.prepare_images(b, c.data.aug)  # uint8 images normalised as the evaluators do
             masks = muva_lib.boxes_to_masks(jnp.asarray(b["part_boxes"]), (64, 32), 16, 16)
             f = np.asarray(ts.model.image_features(jnp.asarray(b["image"]), masks), np.float64)[b["valid"]]
             feats.append(f / np.linalg.norm(f, axis=1, keepdims=True))
