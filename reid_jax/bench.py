@@ -181,6 +181,8 @@ def _step_seconds(runs: dict, steps: int) -> dict[str, list[float]]:
     times = {name: [] for name in runs}
     for _ in range(steps):
         for name, run in runs.items():
+            if len(runs) > 1:  # let the other library's idle threads stop spinning (OpenMP waits busy ~0.2 s)
+                time.sleep(1.0)
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
