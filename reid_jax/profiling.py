@@ -4,7 +4,7 @@
 JSON the profiler writes next to its XPlane file, and sums the duration of every executed HLO instruction (GPU
 kernels, tagged with their `hlo_op`; on CPU, the thunks the runtime's worker threads run) per step. The compiled
 module's text names each instruction's opcode, shape and the JAX operation it came from (`metadata op_name`), so
-the rows say what an op is, e.g. `dot_general` in `transformer/resblocks/3/mlp/c_fc`.
+the rows say what an op is, e.g. `jit(step)/transpose(jvp())/dot_general` for a product of the backward pass.
 
 On CPU one instruction may run on several threads at once (XLA splits loops over its thread pool): times are busy
 time summed over threads, and can add up to more than the step's wall time.
@@ -21,9 +21,6 @@ from pathlib import Path
 
 import jax
 
-# Runtime bookkeeping spans that wrap ops rather than being ops.
-_RUNTIME = re.compile(r"::|^\$|Await|wait for|ThunkExecutor|PjitFunction|ExecuteHelper|Execute|Allocate|Parse|"
-                      r"Handle inputs|CollectGarbage|CreateOutputs|ThreadPool|^TfrtCpu|^PjRt|^XlaModule|^jit_")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\(")
 
 
@@ -63,10 +60,9 @@ def op_times(run, hlo_text: str, steps: int = 2) -> list[dict]:
         if e.get("ph") != "X":
             continue
         name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
-        if name in known or not _RUNTIME.search(name):
+        if name in known:  # an executed instruction; runtime spans (dispatch, waits) carry other names
             totals[name] += float(e.get("dur", 0.0)) / 1e3  # microseconds -> ms
-    rows = [{"op": name, "ms_per_step": ms / steps, **known.get(name, {"opcode": "?", "shape": "", "source": ""})}
-            for name, ms in totals.items() if name in known]
+    rows = [{"op": name, "ms_per_step": ms / steps, **known[name]} for name, ms in totals.items()]
     return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 

@@ -265,7 +265,7 @@ class Transformer(nnx.Module):
                                    for _ in range(layers)])
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers
-        cudnn = attention_implementation(cfg, width // heads) == "cudnn"
+        cudnn = self.resblocks[0].attn.implementation == "cudnn"
         self.pad_tokens_to = cfg.pad_tokens_to or (2 if cudnn else 1)
 
     def __call__(self, x: Array, attn_bias: AttnBias = None, is_causal: bool = False,

@@ -6,9 +6,9 @@ other product of bfloat16 operands is first converted to float32. A dense layer'
 but the two products of its backward pass are not: dx = g @ w^T and dw = x^T @ g. XLA lowers a transpose as a
 layout change of the operand (no copy), which that check rejects. `dot_general` gives these products operands that
 are transposed copies: a gather by computed indices, which XLA cannot fold into a layout, costs one pass over the
-operand. `Linear` also adds its bias in float32 and sums the bias gradient in float32: XLA:CPU rewrites the reduction of a
-bfloat16 gradient into a slow tree of reduce-windows. On `python -m reid_jax.bench train_step --dtype bfloat16` this is what makes the bfloat16 step faster than
-float32 on a CPU (docs/speed.md has the figures).
+operand. `Linear` also adds its bias in float32 and sums the bias gradient in float32: XLA:CPU rewrites the
+reduction of a bfloat16 gradient into a slow tree of reduce-windows. On `python -m reid_jax.bench train_step
+--dtype bfloat16` this is what makes the bfloat16 step faster than float32 on a CPU (docs/speed.md has the figures).
 
 Numerics are those of mixed precision: bfloat16 operands, float32 accumulation, the output and the gradients of
 the operands rounded to bfloat16 (as PyTorch's autocast). On other backends, and for float32 operands, this is
@@ -63,8 +63,8 @@ def _is_dense(lhs: Array, rhs: Array, dimension_numbers) -> bool:
 
 def dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, preferred_element_type=None,
                 **kwargs) -> Array:
-    """`jax.lax.dot_general`, routed through `matmul` for bfloat16 dense products on CPU (the `dot_general` of
-    `nnx.Linear`). lhs [..., K], rhs [K, N] -> [..., N]."""
+    """`jax.lax.dot_general`, routed through `matmul` for bfloat16 dense products on CPU (what `Linear` calls).
+    lhs [..., K], rhs [K, N] -> [..., N]."""
     fast = (jax.default_backend() == "cpu" and lhs.dtype == rhs.dtype == jnp.bfloat16
             and preferred_element_type in (None, jnp.bfloat16) and _is_dense(lhs, rhs, dimension_numbers)
             and not kwargs.get("out_sharding"))
