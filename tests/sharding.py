@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent("""
     from {config_module} import {config_fn} as make_config
     from reid_jax import mesh as mesh_lib
     from reid_jax.train import {task_module} as task_lib
+    from reid_jax.data import device
     from reid_jax.data.pipeline import Shard
 
     config = make_config({data_dir!r})
@@ -33,7 +34,8 @@ SCRIPT = textwrap.dedent("""
 
     def step(state, batch, i):
         ts = nnx.merge(graphdef, state)
-        metrics = task.train_step(ts, batch, jax.random.fold_in(jax.random.key(0), i))
+        rng = jax.random.fold_in(jax.random.key(0), i)
+        metrics = task.train_step(ts, device.prepare_images(batch, config.data.aug, rng), rng)
         return nnx.state(ts), metrics
 
     def params(state):

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 from flax import traverse_util
 
+from reid_jax.data import device
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra
 from reid_jax.weights import mapping
@@ -104,7 +105,8 @@ def test_finetune_step_trains_heads_and_reports_each_loss(tmp_path):
     @jax.jit
     def step(state, batch):
         ts = nnx.merge(graphdef, state)
-        metrics = task.train_step(ts, batch, jax.random.key(0))
+        metrics = task.train_step(ts, device.prepare_images(batch, c.data.aug, jax.random.key(0)),
+                                  jax.random.key(0))
         return nnx.state(ts), metrics
 
     state, metrics = step(state, batch)

@@ -262,7 +262,8 @@ def test_step_trains_image_side_and_rmp_not_text(data_dir, tmp_path):
     @jax.jit
     def step(state, batch):
         ts = nnx.merge(graphdef, state)
-        return nnx.state(ts), task.train_step(ts, batch, jax.random.key(0))
+        return nnx.state(ts), task.train_step(ts, device.prepare_images(batch, c.data.aug, jax.random.key(0)),
+                                              jax.random.key(0))
 
     new, metrics = step(state, batch)
     parts = {k: float(v) for k, v in metrics.items() if k.startswith("loss_")}

@@ -10,6 +10,7 @@ import torch
 from flax import nnx
 
 from reid_jax import losses, tokenizer
+from reid_jax.data import device
 from reid_jax.models import cgi as cgi_lib
 from reid_jax.models import prompts
 from reid_jax.models import clip as clip_lib
@@ -197,7 +198,8 @@ def _step(task, ts_state, graphdef, batch):
     @jax.jit
     def step(state, batch):
         ts = nnx.merge(graphdef, state)
-        metrics = task.train_step(ts, batch, jax.random.key(0))
+        metrics = task.train_step(ts, device.prepare_images(batch, task.config.data.aug, jax.random.key(0)),
+                                  jax.random.key(0))
         return nnx.state(ts), metrics
 
     return step(ts_state, batch)

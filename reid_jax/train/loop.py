@@ -10,7 +10,7 @@ A method supplies a *task* object:
   task.start_epoch(ts, mesh)                      optional: runs before the first step of every epoch after the
                                                   first (MUVA rebuilds its identity memory), on the state
   task.train_stream(shard) -> grain.IterDataset   host batches
-  task.train_step(ts, batch, rng) -> metrics      mutates `ts` (runs inside jit)
+  task.train_step(ts, batch, rng) -> metrics      mutates `ts` (runs inside jit; images already float32)
   task.evaluate(model, step, workdir, mesh) -> dict  {'eval/<dataset>/<metric>': value} (a `reid_jax.eval`
                                                   evaluator, handed the loop's mesh)
   task.learning_rate(step) -> float

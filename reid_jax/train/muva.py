@@ -38,7 +38,7 @@ from absl import logging
 from flax import nnx
 
 from reid_jax import errors, losses, weights
-from reid_jax.data import device, part_masks, pipeline, simulated_grounding, sources, specs
+from reid_jax.data import part_masks, pipeline, simulated_grounding, sources, specs
 from reid_jax.data.index import relabel
 from reid_jax.errors import expand_path
 from reid_jax.models import muva as muva_lib
@@ -320,9 +320,8 @@ class Task:
         return pipeline.pk_train(self.source, self.index, self.config.data, seed=self.config.seed, shard=shard)
 
     def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
+        del rng
         cfg, lw, pid = self.config, self.config.loss, batch["pid"]
-        # uint8 images normalised and erased (loop.fit did it already); rng only keys the 'random' erasing noise
-        batch = device.prepare_images(batch, cfg.data.aug, rng)
         target = self._pseudo_masks(batch, train=True).astype(jnp.float32)
         given = self._given_masks(batch)
 

@@ -29,7 +29,7 @@ from absl import logging
 from flax import nnx
 
 from reid_jax import data, errors, losses, weights
-from reid_jax.data import device, pipeline, specs
+from reid_jax.data import pipeline, specs
 from reid_jax.models import cgi as cgi_lib
 from reid_jax.models import prompts
 from reid_jax.models.cff import CFF
@@ -203,9 +203,8 @@ class Task:
                                  captions=self.uses_captions)
 
     def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
+        del rng  # deterministic step: all randomness is in the data stream and the device-side erasing
         cfg = self.config
-        # uint8 images normalised and erased (loop.fit did it already); rng only keys the 'random' erasing noise
-        batch = device.prepare_images(batch, cfg.data.aug, rng)
         lw, pid = cfg.loss, batch["pid"]
 
         def id_and_triplet(neck, feats):

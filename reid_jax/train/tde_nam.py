@@ -23,7 +23,7 @@ from flax import nnx
 from reid_jax import errors, losses, weights
 from reid_jax.weights import released
 from reid_jax.weights.released import irra as irra_release
-from reid_jax.data import device, pipeline, specs
+from reid_jax.data import pipeline, specs
 from reid_jax.eval import text_reid
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
@@ -70,7 +70,6 @@ class Task:
 
     def train_step(self, ts: loop.TrainState, batch: dict, rng: jax.Array) -> dict:
         cfg = self.config
-        batch = device.prepare_images(batch, cfg.data.aug, rng)  # done already inside loop.fit; here for direct calls
         ids, index = batch["text"], batch["index"]
         k_nam, k_mlm = jax.random.split(rng)
         prev = ts.nam_sims[...][index] if cfg.nam.mode == "nam" else jnp.zeros(ids.shape)
