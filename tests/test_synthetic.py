@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_builders.synthetic_pedestrians import CONFIGS, attributes, builder, render
+from data_builders.synthetic_pedestrians import CONFIGS, attributes, builder, freeform, render
 from reid_jax import data
 from reid_jax.data.build import build
 
@@ -298,6 +298,57 @@ def test_noisy_config_captions(people):
     assert SMALL.caption_noise == 0
 
 
+# ------------------------------------------------------------------------------- the CLIP-pretraining corpus
+def test_freeform_captions_say_the_identity_words():
+    """Clean free-form captions name only the identity's own words, at least two attribute groups' worth; with
+    noise the text says exactly the (possibly wrong) words their slots record."""
+    groups = set()
+    for p in attributes.identities(SMALL):
+        for k in range(20):
+            clean = freeform.caption(p, np.random.default_rng([p.pid, k]))
+            noisy = freeform.caption(p, np.random.default_rng([p.pid, k]), 0.3)
+            assert clean.slots and all(true == said == getattr(p, s) for s, true, said in clean.slots), clean
+            assert not set("{}[]") & set(clean.text) and "  " not in clean.text, clean.text
+            for c in (clean, noisy):
+                assert _vocab_tokens(c.text) == collections.Counter(said for _, _, said in c.slots), c
+            unpatterned = [[s for s, _, _ in c.slots if s != "pattern"] for c in (clean, noisy)]
+            assert unpatterned[0] == unpatterned[1]  # the same groups (a plain pattern goes unsaid)
+            mentioned = {s for s, _, _ in clean.slots}
+            groups.add(len({s.split("_")[0] for s in mentioned} - {"pattern", "logo"}))
+            words = clean.text.lower().replace(",", " ").replace(".", " ").split()
+            assert words.count("woman") + words.count("lady") <= (p.gender == "woman") * 2
+    assert min(groups) >= 2 and max(groups) >= 5  # from a couple of attributes to nearly all of them
+
+
+def test_freeform_frames_are_no_template():
+    """A free-form caption never reproduces a template sentence of the same person, held-out ones included."""
+    p = attributes.identities(SMALL)[0]
+    templated = {attributes.caption(p, t, np.random.default_rng(0)).text for t in range(len(attributes.TEMPLATES))}
+    texts = {freeform.caption(p, np.random.default_rng(k)).text for k in range(300)}
+    assert len(texts) > 150 and not texts & templated
+
+
+def test_clip_corpus_plan():
+    """clip_corpus: other people than every other config (pids after the offset), training identities only, about
+    freeform_fraction free-form captions and the rest from the training templates, never a held-out one."""
+    corpus = next(c for c in CONFIGS if c.name == "clip_corpus")
+    small_corpus = dataclasses.replace(corpus, name="x", num_identities=60)
+    plan = builder.plan(small_corpus)
+    assert not (plan["test"] or plan["query"] or plan["gallery"])
+    pids = {s.identity.pid for s in plan["train"]}
+    assert pids == set(range(corpus.pid_offset + 1, corpus.pid_offset + 61))
+    assert {s.identity.domain for s in plan["train"]} == set(corpus.domains)
+    sources = collections.Counter(src for s in plan["train"] for src in s.caption_sources)
+    train_templates = {attributes.template_name(t) for t in attributes.template_split(corpus.held_out_templates)["train"]}
+    assert set(sources) - {freeform.SOURCE} <= train_templates
+    n = sum(sources.values())
+    rate = corpus.freeform_fraction
+    assert abs(sources[freeform.SOURCE] / n - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+    # the other configs draw no free-form caption, and the same plan as without the corpus fields
+    assert freeform.SOURCE not in {src for s in builder.plan(SMALL)["train"] for src in s.caption_sources}
+    assert max(p.pid for p in attributes.identities(SMALL)) == SMALL.num_identities
+
+
 # ------------------------------------------------------------------------------------------ shared attributes
 def test_some_identities_share_coarse_attributes():
     who = attributes.identities(SMALL)
@@ -317,7 +368,7 @@ def test_some_identities_share_coarse_attributes():
 
 def test_configs(recs):
     names = [c.name for c in CONFIGS]
-    assert {"small", "small_noisy", "demo", "demo_noisy"} <= set(names) and len(set(names)) == len(names)
+    assert {"small", "small_noisy", "demo", "demo_noisy", "clip_corpus"} <= set(names) and len(set(names)) == len(names)
     assert {r["image"].shape for s in SPLITS for r in recs[s]} == {(*SMALL.image_size, 3)} == {(128, 64, 3)}
     with pytest.raises(ValueError, match="at least 2 cameras"):
         builder.plan(dataclasses.replace(SMALL, name="x", cameras_per_identity=(1, 2)))

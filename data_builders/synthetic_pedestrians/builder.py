@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_builders.common import ReIDBuilder, example
-from data_builders.synthetic_pedestrians import attributes, render
+from data_builders.synthetic_pedestrians import attributes, freeform, render
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,6 +41,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     captions_per_image: int = 2  # from distinct templates
     held_out_templates: int = 5  # the last templates, used only for test images
     caption_noise: float = 0.0  # probability that a training caption's attribute word is replaced by a wrong one
+    freeform_fraction: float = 0.0  # of a training image's captions, free-form (freeform.py) instead of a template
+    pid_offset: int = 0  # pids start after it: a corpus with an offset shares no person with the other configs
     # views
     facing_bias: float = 0.6  # probability of a camera's preferred facing (front / back / side)
     height_range: tuple[float, float] = (0.8, 0.92)  # person height / image height
@@ -58,6 +60,12 @@ SMALL = dict(num_identities=48, images_per_identity=6, num_cameras=4)
 # lets a small CLIP generalise to unseen people and held-out templates in minutes (measured: see configs/tde_nam.py)
 DEMO = dict(num_identities=1500, images_per_identity=8, num_cameras=6, cameras_per_identity=(2, 5),
             train_fraction=0.8, captions_per_image=3)
+# The synthetic CLIP-pretraining corpus (configs/tde_nam.py:synthetic_clip), the part CLIP's web data plays before
+# the ablations: 8000 other people (pids from 100001, drawn from another seed), every identity a training one, all
+# three domains, 4 images each, 3 clean captions per image of which about half free-form and the rest from the
+# training templates (never the 5 held-out ones that the evaluation captions use)
+CLIP_CORPUS = dict(seed=1, pid_offset=100000, num_identities=8000, images_per_identity=4, num_cameras=6,
+                   cameras_per_identity=(2, 4), train_fraction=1.0, captions_per_image=3, freeform_fraction=0.5)
 CONFIGS = (
     SyntheticConfig(name="small", description="48 identities x 6 images, 4 cameras: for tests", **SMALL),
     SyntheticConfig(name="small_noisy", description="small with 30% of caption attribute words wrong",
@@ -66,6 +74,8 @@ CONFIGS = (
                     "3 captions each: for the demo", **DEMO),
     SyntheticConfig(name="demo_noisy", description="demo with 30% of training caption attribute words wrong "
                     "(the NAM ablation)", caption_noise=0.3, **DEMO),
+    SyntheticConfig(name="clip_corpus", description="8000 other identities x 4 images, clean free-form and template "
+                    "captions, train split only: stage A, the synthetic CLIP pretraining", **CLIP_CORPUS),
 )
 
 
@@ -97,9 +107,13 @@ def shots(config, who: attributes.Identity) -> list[Shot]:
         ids = _rng(config, 4, who.pid, i).choice(pool, config.captions_per_image, replace=False)
         crng = _rng(config, 5, who.pid, i)
         noise = config.caption_noise if who.split == "train" else 0.0  # evaluation captions stay clean
-        caps = tuple(attributes.caption(who, int(t), crng, noise).text for t in ids)
-        out.append(Shot(who, view, f"{who.domain}/{who.pid:04d}_c{camid}_{i:02d}.png", caps,
-                        tuple(attributes.template_name(int(t)) for t in ids)))
+        caps = [attributes.caption(who, int(t), crng, noise).text for t in ids]
+        sources = [attributes.template_name(int(t)) for t in ids]
+        if config.freeform_fraction and who.split == "train":  # own rng: the template draws above stay as they were
+            frng = _rng(config, 7, who.pid, i)
+            for c in np.flatnonzero(frng.random(len(caps)) < config.freeform_fraction):
+                caps[c], sources[c] = freeform.caption(who, frng, noise).text, freeform.SOURCE
+        out.append(Shot(who, view, f"{who.domain}/{who.pid:04d}_c{camid}_{i:02d}.png", tuple(caps), tuple(sources)))
     return out
 
 
@@ -160,7 +174,8 @@ class SyntheticPedestrians(ReIDBuilder):
         return False
 
     def _examples(self, manual_dir: Path | None):
-        return {split: self._generate(items) for split, items in plan(self.builder_config).items()}
+        # a corpus of training identities only (clip_corpus) has no test splits; TFDS needs every split it writes
+        return {split: self._generate(items) for split, items in plan(self.builder_config).items() if items}
 
     def _generate(self, items: list[Shot]) -> Iterator[tuple[str, dict]]:
         cfg = self.builder_config
