@@ -45,6 +45,25 @@ def itc(image_feats: jax.Array, text_feats: jax.Array, logit_scale: float = 50.0
     return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
 
 
+def filip(patches: jax.Array, words: jax.Array, word_mask: jax.Array, logit_scale: float = 50.0) -> jax.Array:
+    """FILIP's token-wise contrastive loss (Yao et al., 2021): CLIP's loss on a similarity that matches each token
+    to its best counterpart instead of comparing two pooled features, so that single words learn to match image
+    regions. patches [B, P, D] (one image per row), words [B, L, D] (row i: image i's caption), word_mask bool
+    [B, L] (the tokens that count; at least one per row). With c[i, j, p, l] = cos(patch p of image i, word l of
+    caption j):
+        image i -> caption j:  mean over patches p of  max over words l of c
+        caption j -> image i:  mean over words l of  max over patches p of c
+    and (CE(image -> caption) + CE(caption -> image)) / 2 against the diagonal, at `logit_scale`. -> scalar."""
+    v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
+    c = jnp.einsum("ipd,jld->ijpl", v, t)  # [B_i, B_j, P, L]
+    mask = word_mask[None, :, None, :]
+    i2t = jnp.mean(jnp.max(jnp.where(mask, c, -2.0), axis=3), axis=2)  # a cosine is >= -1: -2 never wins
+    count = jnp.maximum(word_mask.sum(1), 1)[None, :]
+    t2i = jnp.sum(jnp.where(word_mask[None], jnp.max(c, axis=2), 0.0), axis=2) / count  # [B_i, B_j]
+    labels = jnp.arange(c.shape[0])
+    return 0.5 * (cross_entropy(logit_scale * i2t, labels) + cross_entropy(logit_scale * t2i.T, labels))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Mean softmax CE over rows; logits [B, C], labels int [B]; smoothing spreads eps uniformly over C classes
     (CLIP-ReID's CrossEntropyLabelSmooth: (1 - eps) one-hot + eps / C)."""

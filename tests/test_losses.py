@@ -75,3 +75,30 @@ def test_itc_matches_irra():
     want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
     got = losses.itc(jnp.asarray(image), jnp.asarray(text), 20.0)
     assert_close(float(got), float(want), TORCH, "ITC")
+
+
+def _filip_loops(patches, words, mask, scale):
+    """FILIP's token-wise loss with explicit loops over pairs of images and captions, in numpy float64."""
+    n = len(patches)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    i2t, t2i = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            c = unit(patches[i]) @ unit(words[j][mask[j]]).T  # [P, words of caption j]
+            i2t[i, j] = c.max(1).mean()  # each patch's best word
+            t2i[j, i] = c.max(0).mean()  # each word's best patch
+    ce = lambda logits: np.mean([np.log(np.exp(r - r.max()).sum()) + r.max() - r[k] for k, r in enumerate(logits)])
+    return 0.5 * (ce(scale * i2t) + ce(scale * t2i))
+
+
+def test_filip_matches_its_formula():
+    rng = np.random.default_rng(7)
+    patches, words = rng.normal(size=(5, 6, 8)), rng.normal(size=(5, 9, 8))
+    mask = rng.random((5, 9)) < 0.6
+    mask[:, 0] = True
+    got = losses.filip(jnp.asarray(patches, jnp.float32), jnp.asarray(words, jnp.float32), jnp.asarray(mask), 10.0)
+    assert_close(float(got), _filip_loops(patches, words, mask, 10.0), TORCH, "FILIP loss")
+    # the masked words play no part: changing them changes nothing
+    noisy = np.where(mask[..., None], words, rng.normal(size=words.shape) * 5)
+    again = losses.filip(jnp.asarray(patches, jnp.float32), jnp.asarray(noisy, jnp.float32), jnp.asarray(mask), 10.0)
+    assert_close(float(again), float(got), TORCH, "FILIP loss with other masked words")

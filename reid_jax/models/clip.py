@@ -448,6 +448,10 @@ class CLIP(nnx.Module):
     def text_features(self, ids: Array, embeddings: Array | None = None) -> Array:
         """int [B, L] (optionally with [B, L, D] embeddings) -> [B, embed_dim]: projected EOT, float32."""
         tokens, _ = self.text(ids, embeddings)
+        return self.text_features_of(tokens, ids)
+
+    def text_features_of(self, tokens: Array, ids: Array) -> Array:
+        """The text tower's output tokens [B, L, D] of captions `ids` -> [B, embed_dim]: projected EOT, float32."""
         eot = jnp.take_along_axis(tokens, TextTower.eot_index(ids)[:, None, None], axis=1)[:, 0]
         return self.text.project(eot).astype(jnp.float32)
 

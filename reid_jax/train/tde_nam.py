@@ -89,10 +89,17 @@ class Task:
             model, heads = params.model, params.heads
             img_tokens, img_layers = model.visual(batch["image"], return_layers=want_sims)
             img_feat = model.visual.project(img_tokens[:, 0]).astype(jnp.float32)
-            txt_feat = model.text_features(masked)
-            parts = {"sdm": losses.sdm(img_feat, txt_feat, batch["pid"], cfg.loss.logit_scale)}
+            txt_tokens, _ = model.text(masked)
+            txt_feat = model.text_features_of(txt_tokens, masked)
+            parts = {}
+            if cfg.loss.sdm_weight:
+                parts["sdm"] = cfg.loss.sdm_weight * losses.sdm(img_feat, txt_feat, batch["pid"], cfg.loss.logit_scale)
             if cfg.loss.itc_weight:
                 parts["itc"] = cfg.loss.itc_weight * losses.itc(img_feat, txt_feat, cfg.loss.logit_scale)
+            if cfg.loss.filip_weight:  # token-wise: each caption word against the image's final patch tokens
+                parts["filip"] = cfg.loss.filip_weight * losses.filip(
+                    model.visual.project(img_tokens[:, prefix:]), model.text.project(txt_tokens),
+                    nam.real_tokens(masked), cfg.loss.logit_scale)
             if cfg.loss.id_weight:
                 parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
                                                                   batch["pid"], cfg.loss.id_label_smoothing)
