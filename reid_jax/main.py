@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from reid_jax import errors, mesh as mesh_lib
+from reid_jax import config_file, errors, mesh as mesh_lib
 from reid_jax.train import loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<method>.py[:variant]", lock_config=True)
@@ -33,13 +32,6 @@ def make_task(config, workdir: Path):
     if config.method not in TASKS:
         raise errors.UserError(f"config.method={config.method!r}; expected one of {sorted(TASKS)}")
     return importlib.import_module(TASKS[config.method]).Task(config, workdir)
-
-
-def _load_config_module(path: Path):
-    spec = importlib.util.spec_from_file_location("config_under_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _unknown_field(config, key: str) -> str | None:
@@ -68,7 +60,7 @@ def _explain_flags_error(args: list[str], error: Exception) -> str:
             return (f"--config={config_arg}: no such file {path}; expected a config such as {found or 'configs/tde_nam.py'}"
                     f" (optionally :variant)")
         try:
-            module = _load_config_module(path)
+            module = config_file.load_module(path)
             config = module.get_config(variant) if variant else module.get_config()
         except Exception as e:
             return f"--config={config_arg}: {e}"

@@ -113,3 +113,47 @@ def test_nam_report_auc_is_the_pairwise_win_rate():
     pos, neg = np.round(rng.normal(0.3, 1, 40), 1), np.round(rng.normal(0, 1, 70), 1)  # rounding makes ties
     wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
     assert _auc(pos, neg) == pytest.approx(wins / (40 * 70))
+
+
+def test_model_similarities_batches_as_one_call():
+    """The report's batched similarities (last batch padded) equal nam.token_similarity on all rows at once."""
+    from reid_jax.train.nam_report import model_similarities
+
+    model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny(), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(7, 32, 16, 3)).astype(np.float32)
+    ids = _ids(rng, n=7, length=16)
+    got = model_similarities(model, images, ids, layer=2, batch_size=3)
+    _, img_layers = model.visual(jnp.asarray(images), return_layers=True)
+    _, txt_layers = model.text(jnp.asarray(ids), return_layers=True)
+    assert_close(got, np.asarray(nam.token_similarity(img_layers, txt_layers, model, 2, 1)), 1e-5, "similarities")
+
+
+def test_nam_report_of_a_model_finds_the_corrupted_words(data_dir):
+    """--model mode on small_noisy / small: the corrupted tokens it scores are those where the two builders' plans
+    differ (tokenised independently here), and similarities that single them out give AUC 1."""
+    import ml_collections
+
+    from data_builders.synthetic_pedestrians import CONFIGS, builder
+    from reid_jax.data import build
+    from reid_jax.train import nam_report
+
+    build.build("synthetic_pedestrians", data_dir, config="small_noisy")
+    length = 48
+    noisy, clean = (builder.plan(next(c for c in CONFIGS if c.name == n))["train"] for n in ("small_noisy", "small"))
+    expected = 0
+    for a, b in zip(noisy, clean):
+        for ca, cb in zip(a.captions, b.captions):
+            ta, tb = tokenizer.tokenize([ca, cb], length)
+            if ((ta > 0) == (tb > 0)).all():
+                expected += int(((ta != tb) & (ta > 0)).sum())
+    config = ml_collections.ConfigDict({"data": {"context_length": length, "aug": {
+        "image_size": (32, 16), "test_interpolation": "bilinear", "mean_std": "clip"}}, "nam": {"layer": 1, "p": P}})
+    model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny().replace(text={"context_length": length}), rngs=nnx.Rngs(2))
+    out = nam_report.report_model(model, config, data_dir, data_dir, 0, ("small_noisy", "small"))
+    assert out["corrupted_tokens"] == expected > 0 and out["images"] == len(noisy)
+    assert 0.3 < out["auc"] < 0.7  # a random model does not know the words
+
+    records, ids, ref = nam_report._captions(data_dir, data_dir, length, configs=("small_noisy", "small"))
+    oracle = np.where(ids != ref, 0.0, 1.0).astype(np.float32)  # corrupted tokens: least similar
+    assert nam_report._scores(ids, ref, oracle, P)["auc"] == 1.0

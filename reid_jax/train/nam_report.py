@@ -1,33 +1,44 @@
 """Does noise-aware masking find the wrong words? `python -m reid_jax.train.nam_report --workdir=RUN
---data_dir=DIR [--clean_dir=DIR]`.
+--data_dir=DIR [--clean_dir=DIR]`, or for a model before any NAM training `--model=RUN [--config=FILE:VARIANT]`.
 
 For a NAM run on synthetic_pedestrians `demo_noisy` (configs/tde_nam.py:ablation_nam), the similarity table in its
 last checkpoint gives every training caption's masking probabilities for the next epoch. The `demo` config draws
 the same captions without noise, word for word, so the tokens that differ are exactly the corrupted attribute
 words. Prints the mean masking probability of corrupted tokens, of the clean tokens in the same captions, and the
 AUC of "a corrupted token gets a higher probability than a clean one" (0.5 = no better than uniform masking).
+
+`--model` asks the same of a trained CLIP itself (e.g. the stage-A `synthetic_clip` run): it computes the token
+similarities NAM would store in its first epoch, on `--max_images` evenly spaced training images of demo_noisy with
+all their captions, using the model section, `nam.layer`, `nam.p`, context length and test transform of `--config`
+(default: the ablation from a pretrained start, configs/tde_nam.py:pretrained_nam).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-
-from reid_jax import data, tokenizer
-from reid_jax.data import pipeline
+from reid_jax import config_file, data, errors, tokenizer, weights
+from reid_jax.data import pipeline, transforms
+from reid_jax.eval import encode
 from reid_jax.data.records import as_str
 from reid_jax.models import nam
 from reid_jax.weights import runs
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a finished ablation_nam run", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "a finished ablation_nam run: score the similarity table it trained with")
+_MODEL = flags.DEFINE_string("model", None, "instead of --workdir: a trained CLIP (a run's workdir, e.g. the stage-A "
+                             "`synthetic_clip` run) whose token similarities are computed here, as NAM's first look")
+_CONFIG = flags.DEFINE_string("config", "configs/tde_nam.py:pretrained_nam", "with --model: FILE:VARIANT, the config "
+                              "whose model section, nam.layer, nam.p, context length and test transform apply")
 _DATA = flags.DEFINE_string("data_dir", None, "TFDS folder holding synthetic_pedestrians/demo_noisy", required=True)
 _CLEAN = flags.DEFINE_string("clean_dir", None, "TFDS folder holding synthetic_pedestrians/demo (default: data_dir)")
-_P = flags.DEFINE_float("p", 0.15, "NAM's mean masking probability (config.nam.p)")
-_LENGTH = flags.DEFINE_integer("context_length", 48, "config.data.context_length of the run")
+_P = flags.DEFINE_float("p", 0.15, "with --workdir: NAM's mean masking probability (config.nam.p)")
+_LENGTH = flags.DEFINE_integer("context_length", 48, "with --workdir: config.data.context_length of the run")
+_IMAGES = flags.DEFINE_integer("max_images", 2400, "with --model: training images scored, evenly spaced (0 = all)")
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -40,22 +51,32 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int) -> dict:
-    _, saved = runs.latest_arrays(workdir / "checkpoints")
-    sims = saved["nam_sims"].astype(np.float32)
-    noisy = data.load_source("synthetic_pedestrians", "train", data_dir, "demo_noisy", decode_image=False)
-    clean = data.load_source("synthetic_pedestrians", "train", clean_dir, "demo", decode_image=False)
+NOISY, CLEAN = "demo_noisy", "demo"  # the builder configs: training captions with and without the wrong words
+
+
+def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray | None = None,
+              configs: tuple[str, str] = (NOISY, CLEAN)):
+    """The training captions of the noisy config (of the records `images`, default all, in the order of NAM's
+    table) and the same captions without noise: (record per caption, noisy ids [N, L], clean ids [N, L])."""
+    noisy = data.load_source("synthetic_pedestrians", "train", data_dir, configs[0], decode_image=False)
+    clean = data.load_source("synthetic_pedestrians", "train", clean_dir, configs[1], decode_image=False)
     counts = np.asarray([len(r["captions"]) for r in noisy])
-    records, caption_ids = pipeline.caption_examples(counts, np.arange(len(noisy)), "all")
+    records = np.arange(len(noisy)) if images is None else images
+    records, caption_ids = pipeline.caption_examples(counts, records, "all")
     by_name = {clean[i]["file_name"]: i for i in range(len(clean))}  # the two builds may order records apart
-    noisy_recs = [noisy[int(r)] for r in range(len(noisy))]
+    noisy_recs = {int(r): noisy[int(r)] for r in np.unique(records)}
     ids = tokenizer.tokenize([as_str(noisy_recs[r]["captions"][c]) for r, c in zip(records, caption_ids)], length)
     ref = tokenizer.tokenize([as_str(clean[by_name[noisy_recs[r]["file_name"]]]["captions"][c])
                               for r, c in zip(records, caption_ids)], length)
-    probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims[: len(ids)]), p, "nam"))
+    return records, ids, ref
+
+
+def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float) -> dict:
+    """NAM's masking probabilities from `sims` [N, L], scored against the corrupted tokens (ids != ref)."""
+    probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims), p, "nam"))
     real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
     aligned = (ids > 0) == (ref > 0)  # same token count: the word-for-word comparison is valid
-    usable = aligned.all(1) & (sims[: len(ids)] > -1.5).all(1)
+    usable = aligned.all(1) & (sims > -1.5).all(1)
     wrong = real & (ids != ref) & usable[:, None]
     right = real & (ids == ref) & usable[:, None]
     return {"captions": int(usable.sum()), "corrupted_tokens": int(wrong.sum()), "clean_tokens": int(right.sum()),
@@ -63,10 +84,61 @@ def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int
             "auc": _auc(probs[wrong], probs[right])}
 
 
+def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int) -> dict:
+    """The masking that a NAM run's last checkpoint would apply in its next epoch, scored."""
+    _, saved = runs.latest_arrays(workdir / "checkpoints")
+    sims = saved["nam_sims"].astype(np.float32)
+    _, ids, ref = _captions(data_dir, clean_dir, length)
+    return _scores(ids, ref, sims[: len(ids)], p)
+
+
+def model_similarities(model, images: np.ndarray, ids: np.ndarray, layer: int, batch_size: int = 64) -> np.ndarray:
+    """NAM's token similarities (`nam.token_similarity` at `layer`) of captions `ids` [N, L] to their images
+    [N, H, W, 3] (normalised float32), in batches: [N, L] float32."""
+    prefix = 1 + model.config.vision.num_extra_tokens
+
+    def sims(m, batch):
+        _, img_layers = m.visual(batch["image"], return_layers=True)
+        _, txt_layers = m.text(batch["text"], return_layers=True)
+        return nam.token_similarity(img_layers, txt_layers, m, layer, prefix)
+
+    run = encode.jitted(model, sims)
+    out = []
+    for i in range(0, len(ids), batch_size):  # the last batch padded to the same shape: one compilation
+        chunk = {"image": images[i: i + batch_size], "text": ids[i: i + batch_size]}
+        pad = batch_size - len(chunk["text"])
+        chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in chunk.items()}
+        out.append(np.asarray(run(chunk))[: batch_size - pad])
+    return np.concatenate(out).astype(np.float32)
+
+
+def report_model(model, config, data_dir: Path, clean_dir: Path, max_images: int,
+                 configs: tuple[str, str] = (NOISY, CLEAN)) -> dict:
+    """The masking NAM would apply with the CLIP `model`'s similarities (its first NAM epoch), scored."""
+    source = data.load_source("synthetic_pedestrians", "train", data_dir, configs[0])
+    n = len(source)
+    images = np.unique(np.linspace(0, n - 1, min(max_images or n, n)).round().astype(np.int64))
+    records, ids, ref = _captions(data_dir, clean_dir, config.data.context_length, images, configs)
+    pixels = {int(r): transforms.eval_transform(source[int(r)]["image"], config.data.aug) for r in images}
+    sims = model_similarities(model, np.stack([pixels[int(r)] for r in records]), ids, config.nam.layer)
+    return {"layer": config.nam.layer, "images": len(images)} | _scores(ids, ref, sims, config.nam.p)
+
+
 def main(argv) -> None:
     del argv
-    out = report(Path(_WORKDIR.value), Path(_DATA.value), Path(_CLEAN.value or _DATA.value), _P.value,
-                 _LENGTH.value)
+    if (_WORKDIR.value is None) == (_MODEL.value is None):
+        raise app.UsageError("give one of --workdir (a NAM run's table) or --model (a CLIP to compute it with)")
+    data_dir = Path(_DATA.value)
+    clean_dir = Path(_CLEAN.value or _DATA.value)
+    if _MODEL.value is not None:
+        try:
+            config = config_file.load(_CONFIG.value)
+        except errors.UserError as e:
+            sys.exit(errors.report(e, errors.EXIT_USAGE))
+        model = weights.model_for(config.model, _MODEL.value, config.seed)
+        out = {"model": _MODEL.value} | report_model(model, config, data_dir, clean_dir, _IMAGES.value)
+    else:
+        out = report(Path(_WORKDIR.value), data_dir, clean_dir, _P.value, _LENGTH.value)
     print(json.dumps(out))
 
 
