@@ -10,6 +10,8 @@ Variants:
   demo       synthetic_pedestrians (built automatically), a small CLIP from scratch, minutes on a laptop CPU
   ablation_{baseline,cgi,full}   the demo recipe (6 epochs) as the CLIP-ReID baseline, + CGI, + CGI + CFF
                                  (`--config.seed`)
+  pretrained_{baseline,cgi,full}  the same from the stage-A CLIP (configs/tde_nam.py:synthetic_clip), text tower
+                                 frozen as in the paper (`--config.init_checkpoint=RUN`)
 
 Every number is a field; override on the command line (`--config.loss.triplet_weight=0.5`). The method, its
 defaults and the choices the paper leaves open: docs/scgi.md.
@@ -27,6 +29,10 @@ _spec.loader.exec_module(common)
 DATASETS = ("market1501", "msmt17", "dukemtmc_reid", "occluded_duke")
 STAGES = ("baseline", "cgi", "full")
 _dataset, _test_set = common.dataset, common.test_set  # the tests build their own specs with these
+
+
+# CLIP-ReID's second stage freezes the text tower (it still passes gradients to CGI's pseudo-words)
+FROZEN = [r"^model\.clip\.text\.", r"^model\.clip\.logit_scale$"]
 
 
 def base(dataset: str = "market1501") -> ml_collections.ConfigDict:
@@ -64,8 +70,7 @@ def base(dataset: str = "market1501") -> ml_collections.ConfigDict:
         # CLIP-ReID: biases at 2x lr (weight decay 1e-4 as the rest); CGI and CFF start from scratch, at 10x
         param_groups=[{"pattern": r"^heads\.(cgi|cff)\.", "lr_mult": 10.0},
                       {"pattern": r"\.bias$", "lr_mult": 2.0}],
-        # CLIP-ReID's second stage freezes the text tower (it still passes gradients to CGI's pseudo-words)
-        frozen=[r"^model\.clip\.text\.", r"^model\.clip\.logit_scale$"])
+        frozen=FROZEN)
     c.train = common.train(60)
     c.eval = common.evaluation([common.test_set(dataset)], 10, "mAP", rerank=common.rerank(False))
     c.mesh = common.mesh()
@@ -105,9 +110,22 @@ def ablation(stage: str) -> ml_collections.ConfigDict:
     return c
 
 
+def pretrained(stage: str) -> ml_collections.ConfigDict:
+    """The ablation as the paper runs it, from a pretrained CLIP: `init_checkpoint` = the stage-A run
+    (configs/tde_nam.py:synthetic_clip). Fixed before any result was seen: the text tower frozen and the
+    image-to-text term against per-identity caption prototypes of that frozen tower, as the paper's recipe
+    (`base`); lr 1e-4, a third of the from-scratch demo's and a fifth of stage A's (CGI and CFF at 10x, as base)."""
+    c = ablation(stage)
+    c.loss.i2t_mode = "prototypes"
+    c.optim.frozen = FROZEN
+    c.optim.lr = 1e-4
+    return c
+
+
 VARIANTS = {**{d: lambda d=d: base(d) for d in DATASETS},
             **{f"{d}_sie_olp": lambda d=d: sie_olp(d) for d in DATASETS}, "demo": demo,
-            **{f"ablation_{s}": lambda s=s: ablation(s) for s in STAGES}}
+            **{f"ablation_{s}": lambda s=s: ablation(s) for s in STAGES},
+            **{f"pretrained_{s}": lambda s=s: pretrained(s) for s in STAGES}}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -157,3 +157,20 @@ def test_nam_report_of_a_model_finds_the_corrupted_words(data_dir):
     records, ids, ref = nam_report._captions(data_dir, data_dir, length, configs=("small_noisy", "small"))
     oracle = np.where(ids != ref, 0.0, 1.0).astype(np.float32)  # corrupted tokens: least similar
     assert nam_report._scores(ids, ref, oracle, P)["auc"] == 1.0
+
+
+def test_attribute_token_ids_are_the_vocabulary_words():
+    from data_builders.synthetic_pedestrians import attributes
+    from reid_jax.train.nam_report import attribute_token_ids
+
+    got = set(attribute_token_ids().tolist())
+
+    def word_ids(word):
+        ids = tokenizer.tokenize([word], 8)[0]
+        return {int(i) for i in ids if i not in (0, tokenizer.SOT_ID, tokenizer.EOT_ID)}
+
+    for word in ("red", "jacket", "sneakers", "blonde", "backpack"):
+        assert word_ids(word) <= got, word
+    for word in ("with", "a", "the", "walking"):
+        assert not word_ids(word) & got, word
+    assert len(got) <= sum(len(v) for v in attributes.VOCAB.values()) * 3

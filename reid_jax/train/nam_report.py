@@ -5,7 +5,9 @@ For a NAM run on synthetic_pedestrians `demo_noisy` (configs/tde_nam.py:ablation
 last checkpoint gives every training caption's masking probabilities for the next epoch. The `demo` config draws
 the same captions without noise, word for word, so the tokens that differ are exactly the corrupted attribute
 words. Prints the mean masking probability of corrupted tokens, of the clean tokens in the same captions, and the
-AUC of "a corrupted token gets a higher probability than a clean one" (0.5 = no better than uniform masking).
+AUC of "a corrupted token gets a higher probability than a clean one" (0.5 = no better than uniform masking),
+against every clean token ('auc') and against the clean attribute words alone ('auc_attribute_words': is a wrong
+colour or garment masked more than a right one, leaving aside words such as "a" or "with" that match no region).
 
 `--model` asks the same of a trained CLIP itself (e.g. the stage-A `synthetic_clip` run): it computes the token
 similarities NAM would store in its first epoch, on `--max_images` evenly spaced training images of demo_noisy with
@@ -15,6 +17,7 @@ all their captions, using the model section, `nam.layer`, `nam.p`, context lengt
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from data_builders.synthetic_pedestrians import attributes
 from reid_jax import config_file, data, errors, tokenizer, weights
 from reid_jax.data import pipeline, transforms
 from reid_jax.eval import encode
@@ -71,17 +75,31 @@ def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray |
     return records, ids, ref
 
 
+@functools.cache
+def attribute_token_ids() -> np.ndarray:
+    """Token ids of the synthetic captions' attribute words (every word of every slot's vocabulary)."""
+    words = sorted(set().union(*attributes.VOCAB.values()))
+    ids = tokenizer.tokenize(words, 16)
+    return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
+
+
 def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float) -> dict:
-    """NAM's masking probabilities from `sims` [N, L], scored against the corrupted tokens (ids != ref)."""
+    """NAM's masking probabilities from `sims` [N, L], scored against the corrupted tokens (ids != ref): 'auc'
+    against every clean token of the same captions (function words included), 'auc_attribute_words' against the
+    clean attribute words only (is a wrong colour masked more than a right one?)."""
     probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims), p, "nam"))
     real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
     aligned = (ids > 0) == (ref > 0)  # same token count: the word-for-word comparison is valid
     usable = aligned.all(1) & (sims > -1.5).all(1)
     wrong = real & (ids != ref) & usable[:, None]
     right = real & (ids == ref) & usable[:, None]
+    right_attribute = right & np.isin(ids, attribute_token_ids())
     return {"captions": int(usable.sum()), "corrupted_tokens": int(wrong.sum()), "clean_tokens": int(right.sum()),
+            "clean_attribute_tokens": int(right_attribute.sum()),
             "mask_prob_corrupted": float(probs[wrong].mean()), "mask_prob_clean": float(probs[right].mean()),
-            "auc": _auc(probs[wrong], probs[right])}
+            "mask_prob_clean_attribute": float(probs[right_attribute].mean()),
+            "auc": _auc(probs[wrong], probs[right]),
+            "auc_attribute_words": _auc(probs[wrong], probs[right_attribute])}
 
 
 def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int) -> dict:
