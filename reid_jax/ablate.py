@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from xml.sax.saxutils import escape
 
 from absl import app, flags
 
-from reid_jax import files
+from reid_jax import config_file, files
 from reid_jax.errors import EXIT_USAGE, UserError, expand_path, report
 from reid_jax.train.writer import read_records
 
@@ -71,9 +70,7 @@ def check_variants(config: Path, variants: list[str]) -> None:
     if not config.is_file():
         raise UsageError(f"CONFIG {config}: no such file; expected a config such as configs/tde_nam.py")
     try:
-        spec = importlib.util.spec_from_file_location("ablate_config", config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = config_file.load_module(config)
     except Exception as e:
         raise UsageError(f"CONFIG {config}: cannot be loaded ({type(e).__name__}: {e})") from None
     for v in variants:
