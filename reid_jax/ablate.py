@@ -116,7 +116,10 @@ def final_metrics(run_dir: Path) -> tuple[int, dict]:
 
 
 def _die_with_parent(runner: int) -> None:
-    """In the child before exec: SIGTERM when the runner dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    """In the child before exec: SIGINT back to its default (an ignored SIGINT would be inherited through exec,
+    e.g. from a test runner's worker, and the child would never see a forwarded Ctrl-C); SIGTERM when the runner
+    dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_DEATHSIG = 1
         if os.getppid() != runner:  # the runner died before prctl took effect

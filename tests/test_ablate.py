@@ -204,8 +204,10 @@ def _alive(pid: int) -> bool:
 
 def _start_sleeping(env):
     tmp, environ, _ = env
+    # started with SIGINT ignored, as under a test runner's worker or nohup: the child must still get it back
     runner = subprocess.Popen(ablate_cmd(tmp, seeds="0", variants="a"), cwd=ROOT, text=True,
-                              env={**environ, "FAKE_SLEEP": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              env={**environ, "FAKE_SLEEP": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     started = tmp / "grid/a/seed_0/started"
     deadline = time.monotonic() + 60
     while not started.exists():
