@@ -126,9 +126,10 @@ def ablation(mode: str) -> ml_collections.ConfigDict:
 
 def synthetic_clip() -> ml_collections.ConfigDict:
     """Stage A: CLIP's own pretraining, in the synthetic world. The demo's small CLIP from scratch, trained with
-    CLIP's symmetric contrastive loss (ITC) plus FILIP's token-wise one (no SDM, no masking) on `clip_corpus`: 8000 people none of the
-    other sets has, clean captions of which half are free-form. Evaluated zero-shot on the demo's held-out
-    identities and templates after every epoch; its masking AUC: `python -m reid_jax.train.nam_report --model`."""
+    CLIP's symmetric contrastive loss (ITC) plus FILIP's token-wise one (no SDM, no masking) on `clip_corpus`:
+    8000 people none of the other sets has, clean captions of which half are free-form. Evaluated zero-shot on
+    the held-out identities and templates after every epoch; its masking AUC: `python -m
+    reid_jax.train.nam_report --model=RUN`. docs/ablations.md."""
     c = demo("none", noisy=True)  # evaluated on the test split the ablations use (its captions are clean)
     c.data.train = common.dataset("synthetic_pedestrians", "train", "clip_corpus")
     # CLIP's loss alone left every word equally (dis)similar to the image (masking AUC 0.48 after 1000 steps, at

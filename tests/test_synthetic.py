@@ -339,7 +339,8 @@ def test_clip_corpus_plan():
     assert pids == set(range(corpus.pid_offset + 1, corpus.pid_offset + 61))
     assert {s.identity.domain for s in plan["train"]} == set(corpus.domains)
     sources = collections.Counter(src for s in plan["train"] for src in s.caption_sources)
-    train_templates = {attributes.template_name(t) for t in attributes.template_split(corpus.held_out_templates)["train"]}
+    held = attributes.template_split(corpus.held_out_templates)
+    train_templates = {attributes.template_name(t) for t in held["train"]}
     assert set(sources) - {freeform.SOURCE} <= train_templates
     n = sum(sources.values())
     rate = corpus.freeform_fraction

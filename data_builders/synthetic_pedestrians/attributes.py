@@ -161,7 +161,8 @@ def _group_sizes(rng: np.random.Generator, n: int, shared_fraction: float, max_g
 
 def identities(config) -> list[Identity]:
     """All identities of a config (fields seed, num_identities, domains, train_fraction, shared_fraction,
-    max_group, pid_offset); list index = pid - pid_offset - 1. Train pids come first; groups never straddle splits or domains."""
+    max_group, pid_offset); list index = pid - pid_offset - 1. Train pids come first; groups never straddle
+    splits or domains."""
     rng = np.random.default_rng([config.seed, 1])
     sizes = _group_sizes(rng, config.num_identities, config.shared_fraction, config.max_group)
     n_train = int(round(config.train_fraction * config.num_identities))
@@ -176,7 +177,8 @@ def identities(config) -> list[Identity]:
             while _visible_details(details) in seen:  # members must differ in something one can see
                 details = _details(rng, coarse)
             seen.add(_visible_details(details))
-            out.append(Identity(pid=config.pid_offset + len(out) + 1, split=split, domain=domain, group=g, **coarse, **details))
+            out.append(Identity(pid=config.pid_offset + len(out) + 1, split=split, domain=domain, group=g,
+                                **coarse, **details))
     return out
 
 

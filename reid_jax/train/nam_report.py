@@ -33,7 +33,8 @@ from reid_jax.data.records import as_str
 from reid_jax.models import nam
 from reid_jax.weights import runs
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a finished ablation_nam run: score the similarity table it trained with")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a finished ablation_nam run: score the similarity table it "
+                               "trained with")
 _MODEL = flags.DEFINE_string("model", None, "instead of --workdir: a trained CLIP (a run's workdir, e.g. the stage-A "
                              "`synthetic_clip` run) whose token similarities are computed here, as NAM's first look")
 _CONFIG = flags.DEFINE_string("config", "configs/tde_nam.py:pretrained_nam", "with --model: FILE:VARIANT, the config "
