@@ -77,6 +77,7 @@ class Task:
         masked, labels = nam.mask_tokens(ids, probs, k_nam, mask_prob=cfg.nam.mask_prob,
                                          random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
         want_sims = cfg.nam.mode == "nam"
+        filip_layer = cfg.loss.filip_layer if cfg.loss.filip_weight else 0
         use_mlm = bool(cfg.loss.mlm_weight)
         if use_mlm:  # IRRA: an independent uniform 15% BERT masking of the caption for the MLM head (at least one)
             mlm_ids, mlm_labels = nam.mask_tokens(ids, nam.masking_probs(ids, prev, cfg.loss.mlm_p, "uniform"),
@@ -87,18 +88,21 @@ class Task:
 
         def loss_fn(params: loop.Trainable):
             model, heads = params.model, params.heads
-            img_tokens, img_layers = model.visual(batch["image"], return_layers=want_sims)
+            img_tokens, img_layers = model.visual(batch["image"], return_layers=want_sims or filip_layer > 0)
             img_feat = model.visual.project(img_tokens[:, 0]).astype(jnp.float32)
-            txt_tokens, _ = model.text(masked)
+            txt_tokens, txt_layers = model.text(masked, return_layers=filip_layer > 0)
             txt_feat = model.text_features_of(txt_tokens, masked)
             parts = {}
             if cfg.loss.sdm_weight:
                 parts["sdm"] = cfg.loss.sdm_weight * losses.sdm(img_feat, txt_feat, batch["pid"], cfg.loss.logit_scale)
             if cfg.loss.itc_weight:
                 parts["itc"] = cfg.loss.itc_weight * losses.itc(img_feat, txt_feat, cfg.loss.logit_scale)
-            if cfg.loss.filip_weight:  # token-wise: each caption word against the image's final patch tokens
+            if cfg.loss.filip_weight:  # token-wise: each caption word against the image's patch tokens, after the
+                # last block or (filip_layer = l) after block l of each tower, where NAM compares them
+                patches = img_layers[filip_layer - 1] if filip_layer else img_tokens
+                words = txt_layers[filip_layer - 1] if filip_layer else txt_tokens
                 parts["filip"] = cfg.loss.filip_weight * losses.filip(
-                    model.visual.project(img_tokens[:, prefix:]), model.text.project(txt_tokens),
+                    model.visual.project(patches[:, prefix:]), model.text.project(words),
                     nam.real_tokens(masked), cfg.loss.logit_scale)
             if cfg.loss.id_weight:
                 parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
