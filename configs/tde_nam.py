@@ -48,6 +48,8 @@ def base() -> ml_collections.ConfigDict:
         "itc_weight": 0.0,  # IRRA's optional CLIP contrastive term; the paper trains without it
         "filip_weight": 0.0,  # FILIP's token-wise contrastive term (losses.filip); only stage A (synthetic_clip)
         "filip_layer": 0,  # the block whose tokens FILIP compares: 0 = the last of each tower, l = as nam.layer
+        # a word-level sigmoid term (losses.word_match) on the same tokens: does the image show this word?
+        "word_weight": 0.0, "word_scale": 10.0, "word_bias": -5.0,
         # SDM and ID see the MLM-masked caption when fine-tuning, as the public code that produced the fine-tuned
         # numbers does (its masked ids alias the input); False = the paper's clean caption (docs/tde_nam.md, §6)
         "sdm_sees_mlm_mask": True})

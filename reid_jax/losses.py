@@ -64,6 +64,24 @@ def filip(patches: jax.Array, words: jax.Array, word_mask: jax.Array, logit_scal
     return 0.5 * (cross_entropy(logit_scale * i2t, labels) + cross_entropy(logit_scale * t2i.T, labels))
 
 
+def word_match(patches: jax.Array, words: jax.Array, word_ids: jax.Array, word_mask: jax.Array,
+               scale: float = 10.0, bias: float = -5.0) -> jax.Array:
+    """A word-level sigmoid loss that teaches each caption word, on its own, whether an image shows it: word l of
+    caption j against image i, with m[i, j, l] = max over patches p of cos(patch p of image i, word l of caption
+    j), is a positive when image i's own caption holds the same token (0 < id, real per `word_mask`), else a
+    negative; BCE(sigmoid(scale * m + bias), label) averaged over the real words of every caption and every image
+    of the batch. Unlike a softmax, it fixes the similarity's level: a word every caption has ("a", "with") is
+    pulled up against every image, a colour the image's caption lacks down. patches [B, P, D], words [B, L, D],
+    word_ids int [B, L] (row i: image i's caption), word_mask bool [B, L]. -> scalar."""
+    v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
+    m = jnp.max(jnp.einsum("ipd,jld->ijpl", v, t), axis=2)  # [B_i, B_j, L]
+    same = (word_ids[:, None, :, None] == word_ids[None, :, None, :]) & word_mask[:, None, :, None]  # [i, j, k, l]
+    labels = jnp.any(same, axis=2).astype(jnp.float32)  # [B_i, B_j, L]: caption i holds word l of caption j
+    bce = optax.sigmoid_binary_cross_entropy(scale * m + bias, labels)
+    weight = jnp.broadcast_to(word_mask[None], bce.shape)
+    return jnp.sum(jnp.where(weight, bce, 0.0)) / jnp.maximum(weight.sum(), 1)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Mean softmax CE over rows; logits [B, C], labels int [B]; smoothing spreads eps uniformly over C classes
     (CLIP-ReID's CrossEntropyLabelSmooth: (1 - eps) one-hot + eps / C)."""

@@ -91,6 +91,21 @@ def _filip_loops(patches, words, mask, scale):
     return 0.5 * (ce(scale * i2t) + ce(scale * t2i))
 
 
+
+def _word_match_loops(patches, words, ids, mask, scale, bias):
+    """The word-level sigmoid loss with loops over images, captions and words, in numpy float64."""
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    total, count = 0.0, 0
+    for i in range(len(patches)):
+        own = set(ids[i][mask[i]].tolist())  # the words of image i's caption
+        for j in range(len(words)):
+            for l in np.flatnonzero(mask[j]):
+                z = scale * (unit(patches[i]) @ unit(words[j][l])).max() + bias
+                y = float(ids[j][l] in own)
+                total += np.log1p(np.exp(-abs(z))) + max(z, 0) - z * y  # BCE with logits, stable form
+                count += 1
+    return total / count
+
 def test_filip_matches_its_formula():
     rng = np.random.default_rng(7)
     patches, words = rng.normal(size=(5, 6, 8)), rng.normal(size=(5, 9, 8))
@@ -102,3 +117,16 @@ def test_filip_matches_its_formula():
     noisy = np.where(mask[..., None], words, rng.normal(size=words.shape) * 5)
     again = losses.filip(jnp.asarray(patches, jnp.float32), jnp.asarray(noisy, jnp.float32), jnp.asarray(mask), 10.0)
     assert_close(float(again), float(got), TORCH, "FILIP loss with other masked words")
+
+
+def test_word_match_matches_its_formula():
+    rng = np.random.default_rng(8)
+    patches, words = rng.normal(size=(4, 6, 8)), rng.normal(size=(4, 7, 8))
+    ids = rng.integers(1, 6, size=(4, 7))  # a small vocabulary: captions share words
+    mask = rng.random((4, 7)) < 0.7
+    mask[:, 0] = True
+    ids[0, 1], mask[0, 1] = 99, False  # a token outside the mask labels nothing: 99 is no one's word
+    ids[1, 2], mask[1, 2] = 99, True
+    got = losses.word_match(jnp.asarray(patches, jnp.float32), jnp.asarray(words, jnp.float32), jnp.asarray(ids),
+                            jnp.asarray(mask), 10.0, -5.0)
+    assert_close(float(got), _word_match_loops(patches, words, ids, mask, 10.0, -5.0), TORCH, "word-match loss")

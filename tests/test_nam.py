@@ -176,17 +176,18 @@ def test_attribute_token_ids_are_the_vocabulary_words():
     assert len(got) <= sum(len(v) for v in attributes.VOCAB.values()) * 3
 
 
-def test_stage_a_filip_compares_the_tokens_of_the_layer_it_names(data_dir, tmp_path):
-    """loss.filip_layer = 1 on the 2-layer test model: the step's FILIP loss is FILIP's formula (loops in numpy) on
-    the projected tokens after block 1 of each tower, not after the last."""
+def test_stage_a_token_losses_compare_the_tokens_of_the_layer_they_name(data_dir, tmp_path):
+    """loss.filip_layer = 1 on the 2-layer test model: the step's FILIP and word-match losses are their formulas
+    (loops in numpy) on the projected tokens after block 1 of each tower, not after the last."""
     from reid_jax.data import device, pipeline
     from reid_jax.train import tde_nam
     from tests.cli_config import tiny_config
-    from tests.test_losses import _filip_loops
+    from tests.test_losses import _filip_loops, _word_match_loops
 
     c = tiny_config(data_dir)
     c.nam.mode = "none"
-    c.loss.update({"sdm_weight": 0.0, "itc_weight": 0.0, "filip_weight": 1.0, "logit_scale": 10.0})
+    c.loss.update({"sdm_weight": 0.0, "itc_weight": 0.0, "filip_weight": 1.0, "logit_scale": 10.0,
+                   "word_weight": 1.0, "word_scale": 8.0, "word_bias": -3.0})
     task = tde_nam.Task(c, tmp_path)
     ts = task.init_state()
     batch = device.prepare_images(next(iter(task.train_stream(pipeline.Shard()))), c.data.aug, jax.random.key(0))
@@ -196,13 +197,17 @@ def test_stage_a_filip_compares_the_tokens_of_the_layer_it_names(data_dir, tmp_p
     mask = np.asarray(nam.real_tokens(jnp.asarray(ids)))
     img_last, img_layers = model.visual(batch["image"], return_layers=True)
     txt_last, txt_layers = model.text(jnp.asarray(ids), return_layers=True)
-    project = lambda tower, x: np.asarray(tower.project(x), np.float64)
-    want = {layer: _filip_loops(project(model.visual, img[:, prefix:]), project(model.text, txt), mask, 10.0)
-            for layer, img, txt in ((1, img_layers[0], txt_layers[0]), (0, img_last, txt_last))}
-    assert abs(want[1] - want[0]) > 1e-3  # the two layers give different losses: the test can tell them apart
+    want = {}
+    for layer, img, txt in ((1, img_layers[0], txt_layers[0]), (0, img_last, txt_last)):
+        patches = np.asarray(model.visual.project(img[:, prefix:]), np.float64)
+        words = np.asarray(model.text.project(txt), np.float64)
+        want[layer] = {"loss_filip": _filip_loops(patches, words, mask, 10.0),
+                       "loss_word": _word_match_loops(patches, words, ids, mask, 8.0, -3.0)}
+    assert abs(want[1]["loss_filip"] - want[0]["loss_filip"]) > 1e-3  # the test can tell the layers apart
     graphdef, state = nnx.split(ts)
     for layer in (1, 0):
         c.loss.filip_layer = layer
         task = tde_nam.Task(c, tmp_path)
         metrics = jax.jit(lambda s, b: task.train_step(nnx.merge(graphdef, s), b, jax.random.key(1)))(state, batch)
-        assert_close(float(metrics["loss"]), want[layer], 1e-4, f"FILIP loss at filip_layer={layer}")
+        for name, value in want[layer].items():
+            assert_close(float(metrics[name]), value, 1e-4, f"{name} at filip_layer={layer}")

@@ -77,7 +77,8 @@ class Task:
         masked, labels = nam.mask_tokens(ids, probs, k_nam, mask_prob=cfg.nam.mask_prob,
                                          random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
         want_sims = cfg.nam.mode == "nam"
-        filip_layer = cfg.loss.filip_layer if cfg.loss.filip_weight else 0
+        token_losses = bool(cfg.loss.filip_weight or cfg.loss.word_weight)  # stage A's word-region terms
+        filip_layer = cfg.loss.filip_layer if token_losses else 0
         use_mlm = bool(cfg.loss.mlm_weight)
         if use_mlm:  # IRRA: an independent uniform 15% BERT masking of the caption for the MLM head (at least one)
             mlm_ids, mlm_labels = nam.mask_tokens(ids, nam.masking_probs(ids, prev, cfg.loss.mlm_p, "uniform"),
@@ -97,13 +98,16 @@ class Task:
                 parts["sdm"] = cfg.loss.sdm_weight * losses.sdm(img_feat, txt_feat, batch["pid"], cfg.loss.logit_scale)
             if cfg.loss.itc_weight:
                 parts["itc"] = cfg.loss.itc_weight * losses.itc(img_feat, txt_feat, cfg.loss.logit_scale)
-            if cfg.loss.filip_weight:  # token-wise: each caption word against the image's patch tokens, after the
-                # last block or (filip_layer = l) after block l of each tower, where NAM compares them
-                patches = img_layers[filip_layer - 1] if filip_layer else img_tokens
-                words = txt_layers[filip_layer - 1] if filip_layer else txt_tokens
-                parts["filip"] = cfg.loss.filip_weight * losses.filip(
-                    model.visual.project(patches[:, prefix:]), model.text.project(words),
-                    nam.real_tokens(masked), cfg.loss.logit_scale)
+            if token_losses:  # each caption word against the image's patch tokens, after the last block or
+                # (filip_layer = l) after block l of each tower, where NAM compares them
+                patches = model.visual.project((img_layers[filip_layer - 1] if filip_layer else img_tokens)[:, prefix:])
+                words = model.text.project(txt_layers[filip_layer - 1] if filip_layer else txt_tokens)
+                real = nam.real_tokens(masked)
+                if cfg.loss.filip_weight:
+                    parts["filip"] = cfg.loss.filip_weight * losses.filip(patches, words, real, cfg.loss.logit_scale)
+                if cfg.loss.word_weight:
+                    parts["word"] = cfg.loss.word_weight * losses.word_match(
+                        patches, words, masked, real, cfg.loss.word_scale, cfg.loss.word_bias)
             if cfg.loss.id_weight:
                 parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
                                                                   batch["pid"], cfg.loss.id_label_smoothing)
