@@ -9,6 +9,7 @@ Variants:
   ablation_{nam,uniform,none}  the paper's masking ablation on synthetic captions with 30% wrong words
   synthetic_clip  stage A of the ablations: contrastive image-text pretraining of the demo's small CLIP on the
              synthetic web-like corpus (clip_corpus), the init_checkpoint of every `pretrained_*` ablation
+  synthetic_clip_words  stage A with its token losses at NAM's layer and a word-level term (better word alignment)
   pretrained_{nam,uniform,none}  the masking ablation from the stage-A model (--config.init_checkpoint=RUN)
 
 Every number is a field; override on the command line (`--config.data.batch_size=64`). The method, its defaults
@@ -142,6 +143,15 @@ def synthetic_clip() -> ml_collections.ConfigDict:
     return c
 
 
+def synthetic_clip_words() -> ml_collections.ConfigDict:
+    """Stage A with word-level alignment where NAM reads it: FILIP on the tokens of block `nam.layer` of each tower,
+    plus the word-match term (losses.word_match: is each word, on its own, shown by the image?). Same corpus,
+    schedule and evaluation as `synthetic_clip`. docs/ablations.md section 2."""
+    c = synthetic_clip()
+    c.loss.update({"filip_layer": c.nam.layer, "word_weight": 1.0})
+    return c
+
+
 def pretrained(mode: str) -> ml_collections.ConfigDict:
     """The masking ablation as the paper runs it, from a pretrained CLIP: `init_checkpoint` = the stage-A run
     (`synthetic_clip`; set it on the command line or through `python -m reid_jax.ablate`). Fixed before any
@@ -160,7 +170,7 @@ VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             **{f"finetune_{k}_irra": lambda k=k: finetune(k, irra_groups=True) for k in TEST_SETS},
             "zeroshot": zeroshot, "demo": demo,
             **{f"ablation_{m}": lambda m=m: ablation(m) for m in NAM_MODES},
-            "synthetic_clip": synthetic_clip, **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES}}
+            "synthetic_clip": synthetic_clip, "synthetic_clip_words": synthetic_clip_words, **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES}}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -59,3 +59,12 @@ def test_stage_a_config():
     assert (c.loss.sdm_weight, c.loss.itc_weight, c.loss.filip_weight, c.nam.mode) == (0.0, 1.0, 1.0, "none")
     assert c.eval.datasets == ablation.eval.datasets and c.model == ablation.model
     assert not c.init_checkpoint
+
+
+def test_stage_a_with_words_changes_only_its_token_losses():
+    """synthetic_clip_words: synthetic_clip with FILIP at NAM's layer and the word-match term, nothing else."""
+    module = configs.load("tde_nam")
+    plain = _flat(module.get_config("synthetic_clip").to_dict())
+    words = _flat(module.get_config("synthetic_clip_words").to_dict())
+    assert {k for k in plain if plain[k] != words[k]} == {"loss.filip_layer", "loss.word_weight"}
+    assert (words["loss.filip_layer"], words["loss.word_weight"]) == (plain["nam.layer"], 1.0)
