@@ -170,7 +170,8 @@ VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             **{f"finetune_{k}_irra": lambda k=k: finetune(k, irra_groups=True) for k in TEST_SETS},
             "zeroshot": zeroshot, "demo": demo,
             **{f"ablation_{m}": lambda m=m: ablation(m) for m in NAM_MODES},
-            "synthetic_clip": synthetic_clip, "synthetic_clip_words": synthetic_clip_words, **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES}}
+            "synthetic_clip": synthetic_clip, "synthetic_clip_words": synthetic_clip_words,
+            **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES}}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
