@@ -45,6 +45,13 @@ def itc(image_feats: jax.Array, text_feats: jax.Array, logit_scale: float = 50.0
     return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
 
 
+def _patch_word_cosines(patches: jax.Array, words: jax.Array) -> jax.Array:
+    """Cosine of every patch of every image with every word of every caption, in float32: patches [B_i, P, D],
+    words [B_j, L, D] -> [B_i, B_j, P, L]."""
+    v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
+    return jnp.einsum("ipd,jld->ijpl", v, t)
+
+
 def filip(patches: jax.Array, words: jax.Array, word_mask: jax.Array, logit_scale: float = 50.0) -> jax.Array:
     """FILIP's token-wise contrastive loss (Yao et al., 2021): CLIP's loss on a similarity that matches each token
     to its best counterpart instead of comparing two pooled features, so that single words learn to match image
@@ -54,8 +61,7 @@ def filip(patches: jax.Array, words: jax.Array, word_mask: jax.Array, logit_scal
         image i -> caption j:  mean over patches p of  max over words l of c
         caption j -> image i:  mean over words l of  max over patches p of c
     and (CE(image -> caption) + CE(caption -> image)) / 2 against the diagonal, at `logit_scale`. -> scalar."""
-    v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
-    c = jnp.einsum("ipd,jld->ijpl", v, t)  # [B_i, B_j, P, L]
+    c = _patch_word_cosines(patches, words)
     mask = word_mask[None, :, None, :]
     i2t = jnp.mean(jnp.max(jnp.where(mask, c, -2.0), axis=3), axis=2)  # a cosine is >= -1: -2 never wins
     count = jnp.maximum(word_mask.sum(1), 1)[None, :]
@@ -73,8 +79,7 @@ def word_match(patches: jax.Array, words: jax.Array, word_ids: jax.Array, word_m
     of the batch. Unlike a softmax, it fixes the similarity's level: a word every caption has ("a", "with") is
     pulled up against every image, a colour the image's caption lacks down. patches [B, P, D], words [B, L, D],
     word_ids int [B, L] (row i: image i's caption), word_mask bool [B, L]. -> scalar."""
-    v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
-    m = jnp.max(jnp.einsum("ipd,jld->ijpl", v, t), axis=2)  # [B_i, B_j, L]
+    m = jnp.max(_patch_word_cosines(patches, words), axis=2)  # [B_i, B_j, L]
     same = (word_ids[:, None, :, None] == word_ids[None, :, None, :]) & word_mask[:, None, :, None]  # [i, j, k, l]
     labels = jnp.any(same, axis=2).astype(jnp.float32)  # [B_i, B_j, L]: caption i holds word l of caption j
     bce = optax.sigmoid_binary_cross_entropy(scale * m + bias, labels)

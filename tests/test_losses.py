@@ -91,7 +91,6 @@ def _filip_loops(patches, words, mask, scale):
     return 0.5 * (ce(scale * i2t) + ce(scale * t2i))
 
 
-
 def _word_match_loops(patches, words, ids, mask, scale, bias):
     """The word-level sigmoid loss with loops over images, captions and words, in numpy float64."""
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -105,6 +104,7 @@ def _word_match_loops(patches, words, ids, mask, scale, bias):
                 total += np.log1p(np.exp(-abs(z))) + max(z, 0) - z * y  # BCE with logits, stable form
                 count += 1
     return total / count
+
 
 def test_filip_matches_its_formula():
     rng = np.random.default_rng(7)
