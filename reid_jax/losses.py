@@ -45,43 +45,46 @@ def itc(image_feats: jax.Array, text_feats: jax.Array, logit_scale: float = 50.0
     return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
 
 
-def _patch_word_cosines(patches: jax.Array, words: jax.Array) -> jax.Array:
+def patch_word_cosines(patches: jax.Array, words: jax.Array) -> jax.Array:
     """Cosine of every patch of every image with every word of every caption, in float32: patches [B_i, P, D],
-    words [B_j, L, D] -> [B_i, B_j, P, L]."""
+    words [B_j, L, D] -> c [B_i, P, B_j, L]. One 2-D product of [B_i P, D] by [D, B_j L]: on CPU a batched einsum
+    and a transposed result were each slower (the stage-A step spends most of its time here)."""
     v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
-    return jnp.einsum("ipd,jld->ijpl", v, t)
+    (bi, p, d), (bj, l, _) = v.shape, t.shape
+    return jnp.dot(v.reshape(bi * p, d), t.reshape(bj * l, d).T).reshape(bi, p, bj, l)
 
 
-def filip(patches: jax.Array, words: jax.Array, word_mask: jax.Array, logit_scale: float = 50.0) -> jax.Array:
+def filip(cosines: jax.Array, word_mask: jax.Array, logit_scale: float = 50.0) -> jax.Array:
     """FILIP's token-wise contrastive loss (Yao et al., 2021): CLIP's loss on a similarity that matches each token
     to its best counterpart instead of comparing two pooled features, so that single words learn to match image
-    regions. patches [B, P, D] (one image per row), words [B, L, D] (row i: image i's caption), word_mask bool
-    [B, L] (the tokens that count; at least one per row). With c[i, j, p, l] = cos(patch p of image i, word l of
-    caption j):
+    regions. cosines c [B, P, B, L] = patch_word_cosines(patches of image i, words of caption j; row i: a matched
+    pair); word_mask bool [B, L] (the tokens that count; at least one per row).
         image i -> caption j:  mean over patches p of  max over words l of c
         caption j -> image i:  mean over words l of  max over patches p of c
     and (CE(image -> caption) + CE(caption -> image)) / 2 against the diagonal, at `logit_scale`. -> scalar."""
-    c = _patch_word_cosines(patches, words)
-    mask = word_mask[None, :, None, :]
-    i2t = jnp.mean(jnp.max(jnp.where(mask, c, -2.0), axis=3), axis=2)  # a cosine is >= -1: -2 never wins
+    c = cosines
+    i2t = jnp.mean(jnp.max(jnp.where(word_mask[None, None], c, -2.0), axis=3), axis=1)  # a cosine >= -1: -2 never wins
     count = jnp.maximum(word_mask.sum(1), 1)[None, :]
-    t2i = jnp.sum(jnp.where(word_mask[None], jnp.max(c, axis=2), 0.0), axis=2) / count  # [B_i, B_j]
+    t2i = jnp.sum(jnp.where(word_mask[None], jnp.max(c, axis=1), 0.0), axis=2) / count  # [B_i, B_j]
     labels = jnp.arange(c.shape[0])
     return 0.5 * (cross_entropy(logit_scale * i2t, labels) + cross_entropy(logit_scale * t2i.T, labels))
 
 
-def word_match(patches: jax.Array, words: jax.Array, word_ids: jax.Array, word_mask: jax.Array,
-               scale: float = 10.0, bias: float = -5.0) -> jax.Array:
+def word_match(cosines: jax.Array, word_ids: jax.Array, word_mask: jax.Array, scale: float = 10.0,
+               bias: float = -5.0, image_words: jax.Array | None = None) -> jax.Array:
     """A word-level sigmoid loss that teaches each caption word, on its own, whether an image shows it: word l of
     caption j against image i, with m[i, j, l] = max over patches p of cos(patch p of image i, word l of caption
-    j), is a positive when image i's own caption holds the same token (0 < id, real per `word_mask`), else a
-    negative; BCE(sigmoid(scale * m + bias), label) averaged over the real words of every caption and every image
-    of the batch. Unlike a softmax, it fixes the similarity's level: a word every caption has ("a", "with") is
-    pulled up against every image, a colour the image's caption lacks down. patches [B, P, D], words [B, L, D],
-    word_ids int [B, L] (row i: image i's caption), word_mask bool [B, L]. -> scalar."""
-    m = jnp.max(_patch_word_cosines(patches, words), axis=2)  # [B_i, B_j, L]
-    same = (word_ids[:, None, :, None] == word_ids[None, :, None, :]) & word_mask[:, None, :, None]  # [i, j, k, l]
-    labels = jnp.any(same, axis=2).astype(jnp.float32)  # [B_i, B_j, L]: caption i holds word l of caption j
+    j), is a positive when image i is known to show the same token, else a negative; BCE(sigmoid(scale * m +
+    bias), label) averaged over the real words of every caption and every image of the batch. Unlike a softmax, it
+    fixes the similarity's level: a word every caption has ("a", "with") is pulled up against every image, a colour
+    the image lacks down. cosines [B, P, B, L] = patch_word_cosines(patches, words), word_ids int [B, L] (row i:
+    image i's caption), word_mask bool [B, L]; image_words int [B, K]: the tokens image i shows, 0-padded (e.g.
+    those of all its captions; default: the real words of its caption in the batch). -> scalar."""
+    m = jnp.max(cosines, axis=1)  # [B_i, B_j, L]
+    if image_words is None:
+        image_words = jnp.where(word_mask, word_ids, 0)
+    same = (image_words[:, None, :, None] == word_ids[None, :, None, :]) & (image_words > 0)[:, None, :, None]
+    labels = jnp.any(same, axis=2).astype(jnp.float32)  # [B_i, B_j, L]: image i shows word l of caption j
     bce = optax.sigmoid_binary_cross_entropy(scale * m + bias, labels)
     weight = jnp.broadcast_to(word_mask[None], bce.shape)
     return jnp.sum(jnp.where(weight, bce, 0.0)) / jnp.maximum(weight.sum(), 1)

@@ -91,12 +91,17 @@ def _filip_loops(patches, words, mask, scale):
     return 0.5 * (ce(scale * i2t) + ce(scale * t2i))
 
 
-def _word_match_loops(patches, words, ids, mask, scale, bias):
-    """The word-level sigmoid loss with loops over images, captions and words, in numpy float64."""
+def _cosines(patches, words):
+    return losses.patch_word_cosines(jnp.asarray(patches, jnp.float32), jnp.asarray(words, jnp.float32))
+
+
+def _word_match_loops(patches, words, ids, mask, scale, bias, shown=None):
+    """The word-level sigmoid loss with loops over images, captions and words, in numpy float64; `shown[i]`: the
+    words image i shows (default: those of its caption)."""
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     total, count = 0.0, 0
     for i in range(len(patches)):
-        own = set(ids[i][mask[i]].tolist())  # the words of image i's caption
+        own = set(ids[i][mask[i]].tolist()) if shown is None else shown[i]
         for j in range(len(words)):
             for l in np.flatnonzero(mask[j]):
                 z = scale * (unit(patches[i]) @ unit(words[j][l])).max() + bias
@@ -111,11 +116,11 @@ def test_filip_matches_its_formula():
     patches, words = rng.normal(size=(5, 6, 8)), rng.normal(size=(5, 9, 8))
     mask = rng.random((5, 9)) < 0.6
     mask[:, 0] = True
-    got = losses.filip(jnp.asarray(patches, jnp.float32), jnp.asarray(words, jnp.float32), jnp.asarray(mask), 10.0)
+    got = losses.filip(_cosines(patches, words), jnp.asarray(mask), 10.0)
     assert_close(float(got), _filip_loops(patches, words, mask, 10.0), TORCH, "FILIP loss")
     # the masked words play no part: changing them changes nothing
     noisy = np.where(mask[..., None], words, rng.normal(size=words.shape) * 5)
-    again = losses.filip(jnp.asarray(patches, jnp.float32), jnp.asarray(noisy, jnp.float32), jnp.asarray(mask), 10.0)
+    again = losses.filip(_cosines(patches, noisy), jnp.asarray(mask), 10.0)
     assert_close(float(again), float(got), TORCH, "FILIP loss with other masked words")
 
 
@@ -127,6 +132,15 @@ def test_word_match_matches_its_formula():
     mask[:, 0] = True
     ids[0, 1], mask[0, 1] = 99, False  # a token outside the mask labels nothing: 99 is no one's word
     ids[1, 2], mask[1, 2] = 99, True
-    got = losses.word_match(jnp.asarray(patches, jnp.float32), jnp.asarray(words, jnp.float32), jnp.asarray(ids),
-                            jnp.asarray(mask), 10.0, -5.0)
+    got = losses.word_match(_cosines(patches, words), jnp.asarray(ids), jnp.asarray(mask), 10.0, -5.0)
     assert_close(float(got), _word_match_loops(patches, words, ids, mask, 10.0, -5.0), TORCH, "word-match loss")
+    # labels from the words each image is known to show (e.g. all its captions), 0-padded: 0 labels nothing
+    shown = [{1, 2}, {3, 4, 5, 99}, set(), {2}]
+    image_words = np.zeros((4, 5), np.int32)
+    for i, ws in enumerate(shown):
+        image_words[i, :len(ws)] = sorted(ws)
+    got = losses.word_match(_cosines(patches, words), jnp.asarray(ids), jnp.asarray(mask), 10.0, -5.0,
+                            jnp.asarray(image_words))
+    want = _word_match_loops(patches, words, ids, mask, 10.0, -5.0, shown)
+    assert_close(float(got), want, TORCH, "word-match loss, labels from image_words")
+    assert abs(want - _word_match_loops(patches, words, ids, mask, 10.0, -5.0)) > 1e-3  # the labels do change it

@@ -103,11 +103,13 @@ class Task:
                 patches = model.visual.project((img_layers[filip_layer - 1] if filip_layer else img_tokens)[:, prefix:])
                 words = model.text.project(txt_layers[filip_layer - 1] if filip_layer else txt_tokens)
                 real = nam.real_tokens(masked)
+                cosines = losses.patch_word_cosines(patches, words)  # once for both terms: most of the step's time
                 if cfg.loss.filip_weight:
-                    parts["filip"] = cfg.loss.filip_weight * losses.filip(patches, words, real, cfg.loss.logit_scale)
+                    parts["filip"] = cfg.loss.filip_weight * losses.filip(cosines, real, cfg.loss.logit_scale)
                 if cfg.loss.word_weight:
-                    parts["word"] = cfg.loss.word_weight * losses.word_match(
-                        patches, words, masked, real, cfg.loss.word_scale, cfg.loss.word_bias)
+                    parts["word"] = cfg.loss.word_weight * losses.word_match(  # labels: the batch's captions,
+                        # or every caption of the image with config.data.image_words
+                        cosines, masked, real, cfg.loss.word_scale, cfg.loss.word_bias, batch.get("image_words"))
             if cfg.loss.id_weight:
                 parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
                                                                   batch["pid"], cfg.loss.id_label_smoothing)
