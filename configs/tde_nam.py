@@ -35,7 +35,8 @@ def base() -> ml_collections.ConfigDict:
     c.data = common.data(
         c.model, common.dataset("luperson_mllm", "train"),
         512,  # global; SDM runs over the whole global batch
-        caption_mode="all")  # one example per (image, caption): NAM keeps one similarity row per example
+        caption_mode="all",  # one example per (image, caption): NAM keeps one similarity row per example
+        image_words=0)  # > 0: each example also carries its image's words from every caption (word_match labels)
     c.data.pk = {"identities": 0, "instances": 0}  # unused: text-to-image batches are shuffled pairs
 
     c.nam = ml_collections.ConfigDict({

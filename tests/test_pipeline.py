@@ -83,6 +83,20 @@ def test_all_captions_mode_visits_every_caption_once_per_epoch(source, index):
     assert got == want
 
 
+def test_image_words_are_every_word_of_the_images_captions(source, index):
+    """config.data.image_words = W: each pair also carries the distinct word tokens of all its image's captions,
+    the reference being the tokeniser's ids of each caption gathered in a Python set."""
+    (batch,) = _take(pipeline.pairs_train(source, index, _cfg(caption_mode="all", image_words=12), seed=2), 1)
+    assert batch["image_words"].shape == (8, 12) and batch["image_words"].dtype == np.int32
+    for row, rec_id in zip(batch["image_words"], batch["image_index"]):
+        want = {t for c in source[rec_id]["captions"] for t in tokenizer.tokenize(c.decode(), 16)[0].tolist()}
+        want -= {tokenizer.PAD_ID, tokenizer.SOT_ID, tokenizer.EOT_ID}
+        assert sorted(row[row > 0].tolist()) == sorted(want) and (row[len(want):] == 0).all()
+    assert "image_words" not in _take(pipeline.pairs_train(source, index, _cfg(), seed=2), 1)[0]
+    with pytest.raises(ValueError, match=r"config.data.image_words = 3 is too small"):
+        _take(pipeline.pairs_train(source, index, _cfg(image_words=3), seed=2), 1)
+
+
 def test_pk_batches_have_p_identities_with_k_images(source, index):
     for batch in _take(pipeline.pk_train(source, index, _cfg(), seed=0), 5):
         labels, counts = np.unique(batch["pid"], return_counts=True)

@@ -171,17 +171,33 @@ class _Augmented:
         return {"image": images, "part_boxes": np.stack(self.boxes)} | ({"erase": self.erase} if self.uint8 else {})
 
 
+def image_words(captions: Sequence[str], context_length: int, width: int) -> np.ndarray:
+    """The distinct word tokens of all of an image's captions, sorted and 0-padded: int32 [width] (the words
+    the image is known to show, for `losses.word_match`)."""
+    ids = tokenizer.tokenize(list(captions), context_length)
+    words = np.unique(ids[(ids > tokenizer.PAD_ID) & (ids < tokenizer.MASK_ID)])
+    if len(words) > width:
+        raise ValueError(f"config.data.image_words = {width} is too small: the captions of one image hold "
+                         f"{len(words)} distinct tokens; raise it to at least {len(words)}")
+    return np.pad(words, (0, width - len(words))).astype(np.int32)
+
+
 def _load_pairs(source, examples, labels, cfg, seed: int, items: np.ndarray) -> dict:
-    """[B, 2] (stream position, example id) -> a batch of augmented images and one tokenised caption each."""
+    """[B, 2] (stream position, example id) -> a batch of augmented images and one tokenised caption each, plus
+    `image_words` [B, W] (every caption's words, see image_words) when cfg.image_words = W > 0."""
     positions, ids = items[:, 0], items[:, 1]
     record_ids, caption_ids = examples[0][ids], examples[1][ids]
-    images, captions = _Augmented(cfg.aug, len(ids)), []
+    width = cfg.get("image_words", 0)
+    images, captions, shown = _Augmented(cfg.aug, len(ids)), [], []
     for rec, cap, rng in zip(read(source, record_ids), caption_ids, _example_rngs(seed, positions)):
         images.add(rec, rng, draws_follow=cap < 0)
         cap = int(rng.integers(len(rec["captions"]))) if cap < 0 else cap
         captions.append(as_str(rec["captions"][cap]))
-    return images.fields() | {"text": tokenizer.tokenize(captions, cfg.context_length), "pid": labels[record_ids],
-                              "index": ids.astype(np.int32), "image_index": record_ids.astype(np.int32)}
+        if width:
+            shown.append(image_words([as_str(c) for c in rec["captions"]], cfg.context_length, width))
+    batch = images.fields() | {"text": tokenizer.tokenize(captions, cfg.context_length), "pid": labels[record_ids],
+                               "index": ids.astype(np.int32), "image_index": record_ids.astype(np.int32)}
+    return batch | ({"image_words": np.stack(shown)} if width else {})
 
 
 def _load_images(source, labels, cfg, seed: int, captions: bool, items: np.ndarray) -> dict:
@@ -259,7 +275,7 @@ def _counted(ds: grain.MapDataset, num_workers: int, aug: ml_collections.ConfigD
 def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int,
                 shard: Shard = Shard()) -> grain.IterDataset:
     """Shuffled image-caption pairs; `cfg` is config.data (batch_size global, caption_mode, context_length,
-    num_epochs (None = forever), num_workers, aug)."""
+    num_epochs (None = forever), num_workers, aug, optional image_words)."""
     records = np.arange(len(index))
     examples = caption_examples(index.num_captions, records, cfg.caption_mode)
     labels = _train_labels(index, records)
