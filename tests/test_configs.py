@@ -68,3 +68,6 @@ def test_stage_a_with_words_changes_only_its_token_losses():
     words = _flat(module.get_config("synthetic_clip_words").to_dict())
     assert {k for k in plain if plain[k] != words[k]} == {"loss.filip_layer", "loss.word_weight"}
     assert (words["loss.filip_layer"], words["loss.word_weight"]) == (plain["nam.layer"], 1.0)
+    image_words = _flat(module.get_config("synthetic_clip_image_words").to_dict())
+    assert {k for k in words if words[k] != image_words[k]} == {"data.image_words"}
+    assert image_words["data.image_words"] > 0 and words["data.image_words"] == 0
