@@ -156,7 +156,14 @@ def test_nam_report_of_a_model_finds_the_corrupted_words(data_dir):
 
     records, ids, ref = nam_report._captions(data_dir, data_dir, length, configs=("small_noisy", "small"))
     oracle = np.where(ids != ref, 0.0, 1.0).astype(np.float32)  # corrupted tokens: least similar
-    assert nam_report._scores(ids, ref, oracle, P)["auc"] == 1.0
+    scores = nam_report._scores(ids, ref, oracle, P, by_kind=True)
+    assert scores["auc"] == 1.0
+    # per kind: every pair is told apart, and the kinds split the wrong and the right tokens with nothing left over
+    kinds = scores["by_kind"]
+    assert kinds and all(v["auc"] == 1.0 and v["sim_wrong"] == 0.0 and v["sim_right"] == 1.0 for v in kinds.values())
+    wrong = {k.split("/")[0]: v["tokens"][0] for k, v in kinds.items()}
+    right = {k.split("/")[1]: v["tokens"][1] for k, v in kinds.items()}
+    assert sum(wrong.values()) == scores["corrupted_tokens"] and sum(right.values()) == scores["clean_tokens"]
 
 
 def test_attribute_token_ids_are_the_vocabulary_words():

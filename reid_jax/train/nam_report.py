@@ -43,6 +43,8 @@ _DATA = flags.DEFINE_string("data_dir", None, "TFDS folder holding synthetic_ped
 _CLEAN = flags.DEFINE_string("clean_dir", None, "TFDS folder holding synthetic_pedestrians/demo (default: data_dir)")
 _P = flags.DEFINE_float("p", 0.15, "with --workdir: NAM's mean masking probability (config.nam.p)")
 _LENGTH = flags.DEFINE_integer("context_length", 48, "with --workdir: config.data.context_length of the run")
+_KIND = flags.DEFINE_bool("by_kind", False, "also the AUC of each kind of wrong word (colour, other attribute, "
+                          "function) against each kind of right one, with their mean similarities")
 _IMAGES = flags.DEFINE_integer("max_images", 2400, "with --model: training images scored, evenly spaced (0 = all)")
 
 
@@ -84,10 +86,34 @@ def attribute_token_ids() -> np.ndarray:
     return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
 
 
-def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float) -> dict:
+@functools.cache
+def colour_token_ids() -> np.ndarray:
+    """Token ids of the synthetic captions' colour words (garments, accessories, hair)."""
+    ids = tokenizer.tokenize(sorted(set(attributes.COLOURS) | set(attributes.HAIR_COLOURS)), 16)
+    return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
+
+
+def _by_kind(ids, wrong, right, sims, probs) -> dict:
+    """The AUC and mean similarities of wrong against right tokens for each pair of kinds (colour words, other
+    attribute words, function words): which words NAM tells apart."""
+    colour = np.isin(ids, colour_token_ids())
+    attribute = np.isin(ids, attribute_token_ids())
+    kinds = {"colour": colour, "other_attribute": attribute & ~colour, "function": ~attribute}
+    out = {}
+    for kw, w in kinds.items():
+        for kr, r in kinds.items():
+            w_, r_ = wrong & w, right & r
+            if w_.any() and r_.any():
+                out[f"wrong_{kw}/right_{kr}"] = {"auc": _auc(probs[w_], probs[r_]), "sim_wrong": float(sims[w_].mean()),
+                                                 "sim_right": float(sims[r_].mean()),
+                                                 "tokens": [int(w_.sum()), int(r_.sum())]}
+    return out
+
+
+def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float, by_kind: bool = False) -> dict:
     """NAM's masking probabilities from `sims` [N, L], scored against the corrupted tokens (ids != ref): 'auc'
     against every clean token of the same captions (function words included), 'auc_attribute_words' against the
-    clean attribute words only (is a wrong colour masked more than a right one?)."""
+    clean attribute words only (is a wrong colour masked more than a right one?); `by_kind`: per kind of word."""
     probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims), p, "nam"))
     real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
     aligned = (ids > 0) == (ref > 0)  # same token count: the word-for-word comparison is valid
@@ -100,15 +126,16 @@ def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float) -> dic
             "mask_prob_corrupted": float(probs[wrong].mean()), "mask_prob_clean": float(probs[right].mean()),
             "mask_prob_clean_attribute": float(probs[right_attribute].mean()),
             "auc": _auc(probs[wrong], probs[right]),
-            "auc_attribute_words": _auc(probs[wrong], probs[right_attribute])}
+            "auc_attribute_words": _auc(probs[wrong], probs[right_attribute])} | (
+                {"by_kind": _by_kind(ids, wrong, right, sims, probs)} if by_kind else {})
 
 
-def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int) -> dict:
+def report(workdir: Path, data_dir: Path, clean_dir: Path, p: float, length: int, by_kind: bool = False) -> dict:
     """The masking that a NAM run's last checkpoint would apply in its next epoch, scored."""
     _, saved = runs.latest_arrays(workdir / "checkpoints")
     sims = saved["nam_sims"].astype(np.float32)
     _, ids, ref = _captions(data_dir, clean_dir, length)
-    return _scores(ids, ref, sims[: len(ids)], p)
+    return _scores(ids, ref, sims[: len(ids)], p, by_kind)
 
 
 def model_similarities(model, images: np.ndarray, ids: np.ndarray, layer: int, batch_size: int = 64) -> np.ndarray:
@@ -132,7 +159,7 @@ def model_similarities(model, images: np.ndarray, ids: np.ndarray, layer: int, b
 
 
 def report_model(model, config, data_dir: Path, clean_dir: Path, max_images: int,
-                 configs: tuple[str, str] = (NOISY, CLEAN)) -> dict:
+                 configs: tuple[str, str] = (NOISY, CLEAN), by_kind: bool = False) -> dict:
     """The masking NAM would apply with the CLIP `model`'s similarities (its first NAM epoch), scored."""
     source = data.load_source("synthetic_pedestrians", "train", data_dir, configs[0])
     n = len(source)
@@ -140,7 +167,7 @@ def report_model(model, config, data_dir: Path, clean_dir: Path, max_images: int
     records, ids, ref = _captions(data_dir, clean_dir, config.data.context_length, images, configs)
     pixels = {int(r): transforms.eval_transform(source[int(r)]["image"], config.data.aug) for r in images}
     sims = model_similarities(model, np.stack([pixels[int(r)] for r in records]), ids, config.nam.layer)
-    return {"layer": config.nam.layer, "images": len(images)} | _scores(ids, ref, sims, config.nam.p)
+    return {"layer": config.nam.layer, "images": len(images)} | _scores(ids, ref, sims, config.nam.p, by_kind)
 
 
 def main(argv) -> None:
@@ -155,9 +182,10 @@ def main(argv) -> None:
         except errors.UserError as e:
             sys.exit(errors.report(e, errors.EXIT_USAGE))
         model = weights.model_for(config.model, _MODEL.value, config.seed)
-        out = {"model": _MODEL.value} | report_model(model, config, data_dir, clean_dir, _IMAGES.value)
+        out = {"model": _MODEL.value} | report_model(model, config, data_dir, clean_dir, _IMAGES.value,
+                                                          by_kind=_KIND.value)
     else:
-        out = report(Path(_WORKDIR.value), data_dir, clean_dir, _P.value, _LENGTH.value)
+        out = report(Path(_WORKDIR.value), data_dir, clean_dir, _P.value, _LENGTH.value, _KIND.value)
     print(json.dumps(out))
 
 
