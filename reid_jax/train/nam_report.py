@@ -78,19 +78,22 @@ def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray |
     return records, ids, ref
 
 
+def _word_token_ids(words) -> np.ndarray:
+    """The distinct word token ids of `words` (a multi-piece word such as "t-shirt" gives each piece)."""
+    ids = tokenizer.tokenize(sorted(words), 16)
+    return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
+
+
 @functools.cache
 def attribute_token_ids() -> np.ndarray:
     """Token ids of the synthetic captions' attribute words (every word of every slot's vocabulary)."""
-    words = sorted(set().union(*attributes.VOCAB.values()))
-    ids = tokenizer.tokenize(words, 16)
-    return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
+    return _word_token_ids(set().union(*attributes.VOCAB.values()))
 
 
 @functools.cache
 def colour_token_ids() -> np.ndarray:
     """Token ids of the synthetic captions' colour words (garments, accessories, hair)."""
-    ids = tokenizer.tokenize(sorted(set(attributes.COLOURS) | set(attributes.HAIR_COLOURS)), 16)
-    return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
+    return _word_token_ids(set(attributes.COLOURS) | set(attributes.HAIR_COLOURS))
 
 
 def _by_kind(ids, wrong, right, sims, probs) -> dict:
