@@ -156,6 +156,19 @@ def test_nam_report_of_a_model_finds_the_corrupted_words(data_dir):
 
     records, ids, ref = nam_report._captions(data_dir, data_dir, length, configs=("small_noisy", "small"))
     oracle = np.where(ids != ref, 0.0, 1.0).astype(np.float32)  # corrupted tokens: least similar
+    # the word oracle: a clean token always scores 1; a wrong one scores 1 exactly when a clean caption of the same
+    # image holds it (checked here on the raw strings' tokens, one caption at a time)
+    out = nam_report.word_oracle(data_dir, data_dir, length, P, 0, ("small_noisy", "small"))
+    assert out["corrupted_tokens"] == expected and 0.5 < out["auc"] <= 1.0
+    recs, ids2, ref2, words = nam_report._captions(data_dir, data_dir, length, configs=("small_noisy", "small"),
+                                                   image_words=True)
+    assert (recs == records).all() and (ids2 == ids).all()
+    clean_by_record = {}
+    for r, row in zip(records, ref):
+        clean_by_record.setdefault(int(r), set()).update(row.tolist())
+    for r, row, ws in zip(records, ids, words):
+        for t in row[(row > 0) & (row < tokenizer.MASK_ID)]:
+            assert (t in ws) == (t in clean_by_record[int(r)])
     scores = nam_report._scores(ids, ref, oracle, P, by_kind=True)
     assert scores["auc"] == 1.0
     # per kind: every pair is told apart, and the kinds split the wrong and the right tokens with nothing left over

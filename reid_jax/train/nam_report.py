@@ -9,6 +9,9 @@ AUC of "a corrupted token gets a higher probability than a clean one" (0.5 = no 
 against every clean token ('auc') and against the clean attribute words alone ('auc_attribute_words': is a wrong
 colour or garment masked more than a right one, leaving aside words such as "a" or "with" that match no region).
 
+`--oracle` scores the best a word-level model without context could do: similarity 1 for a token that a clean
+caption of the same image holds, else 0 (`--max_images` and `--context_length` apply).
+
 `--model` asks the same of a trained CLIP itself (e.g. the stage-A `synthetic_clip` run): it computes the token
 similarities NAM would store in its first epoch, on `--max_images` evenly spaced training images of demo_noisy with
 all their captions, using the model section, `nam.layer`, `nam.p`, context length and test transform of `--config`
@@ -43,6 +46,8 @@ _DATA = flags.DEFINE_string("data_dir", None, "TFDS folder holding synthetic_ped
 _CLEAN = flags.DEFINE_string("clean_dir", None, "TFDS folder holding synthetic_pedestrians/demo (default: data_dir)")
 _P = flags.DEFINE_float("p", 0.15, "with --workdir: NAM's mean masking probability (config.nam.p)")
 _LENGTH = flags.DEFINE_integer("context_length", 48, "with --workdir: config.data.context_length of the run")
+_ORACLE = flags.DEFINE_bool("oracle", False, "instead of --workdir / --model: the ceiling of a word-level model "
+                            "without context (1 for a token a clean caption of the image holds, else 0)")
 _KIND = flags.DEFINE_bool("by_kind", False, "also the AUC of each kind of wrong word (colour, other attribute, "
                           "function) against each kind of right one, with their mean similarities")
 _IMAGES = flags.DEFINE_integer("max_images", 2400, "with --model: training images scored, evenly spaced (0 = all)")
@@ -62,9 +67,10 @@ NOISY, CLEAN = "demo_noisy", "demo"  # the builder configs: training captions wi
 
 
 def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray | None = None,
-              configs: tuple[str, str] = (NOISY, CLEAN)):
+              configs: tuple[str, str] = (NOISY, CLEAN), image_words: bool = False):
     """The training captions of the noisy config (of the records `images`, default all, in the order of NAM's
-    table) and the same captions without noise: (record per caption, noisy ids [N, L], clean ids [N, L])."""
+    table) and the same captions without noise: (record per caption, noisy ids [N, L], clean ids [N, L]), and with
+    `image_words` the word tokens of all clean captions of each caption's image, 0-padded [N, W]."""
     noisy = data.load_source("synthetic_pedestrians", "train", data_dir, configs[0], decode_image=False)
     clean = data.load_source("synthetic_pedestrians", "train", clean_dir, configs[1], decode_image=False)
     counts = np.asarray([len(r["captions"]) for r in noisy])
@@ -75,7 +81,23 @@ def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray |
     ids = tokenizer.tokenize([as_str(noisy_recs[r]["captions"][c]) for r, c in zip(records, caption_ids)], length)
     ref = tokenizer.tokenize([as_str(clean[by_name[noisy_recs[r]["file_name"]]]["captions"][c])
                               for r, c in zip(records, caption_ids)], length)
-    return records, ids, ref
+    if not image_words:
+        return records, ids, ref
+    shown = {r: [as_str(c) for c in clean[by_name[rec["file_name"]]]["captions"]] for r, rec in noisy_recs.items()}
+    width = max(len(c) for c in shown.values()) * length
+    words = {r: pipeline.image_words(c, length, width) for r, c in shown.items()}
+    return records, ids, ref, np.stack([words[int(r)] for r in records])
+
+
+def word_oracle(data_dir: Path, clean_dir: Path, length: int, p: float, max_images: int,
+                configs: tuple[str, str] = (NOISY, CLEAN), by_kind: bool = False) -> dict:
+    """The ceiling of a word-level model without context, scored as NAM's: similarity 1 for a token that a clean
+    caption of the same image holds, 0 otherwise (a wrong colour the image shows elsewhere scores 1)."""
+    n = len(data.load_source("synthetic_pedestrians", "train", data_dir, configs[0], decode_image=False))
+    images = np.unique(np.linspace(0, n - 1, min(max_images or n, n)).round().astype(np.int64))
+    _, ids, ref, words = _captions(data_dir, clean_dir, length, images, configs, image_words=True)
+    sims = (ids[:, :, None] == words[:, None, :]).any(-1).astype(np.float32)
+    return {"images": len(images)} | _scores(ids, ref, sims, p, by_kind)
 
 
 def _word_token_ids(words) -> np.ndarray:
@@ -175,11 +197,15 @@ def report_model(model, config, data_dir: Path, clean_dir: Path, max_images: int
 
 def main(argv) -> None:
     del argv
-    if (_WORKDIR.value is None) == (_MODEL.value is None):
-        raise app.UsageError("give one of --workdir (a NAM run's table) or --model (a CLIP to compute it with)")
+    if (_WORKDIR.value is not None) + (_MODEL.value is not None) + _ORACLE.value != 1:
+        raise app.UsageError("give one of --workdir (a NAM run's table), --model (a CLIP to compute it with) or "
+                             "--oracle")
     data_dir = Path(_DATA.value)
     clean_dir = Path(_CLEAN.value or _DATA.value)
-    if _MODEL.value is not None:
+    if _ORACLE.value:
+        out = {"model": "word oracle"} | word_oracle(data_dir, clean_dir, _LENGTH.value, _P.value, _IMAGES.value,
+                                                     by_kind=_KIND.value)
+    elif _MODEL.value is not None:
         try:
             config = config_file.load(_CONFIG.value)
         except errors.UserError as e:
