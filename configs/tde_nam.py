@@ -159,7 +159,7 @@ def synthetic_clip_image_words() -> ml_collections.ConfigDict:
     caption in the batch: half the corpus captions name only some attributes, so a colour the image shows but its
     batch caption leaves out was a negative. docs/ablations.md section 2."""
     c = synthetic_clip_words()
-    c.data.image_words = 64  # the corpus' images hold at most 39 distinct tokens over their 3 captions
+    c.data.image_words = 64  # the corpus' images hold at most 48 distinct tokens over their 3 captions
     return c
 
 
