@@ -109,6 +109,11 @@ def encode(texts: Sequence[str]) -> list[list[int]]:
     return [enc.ids for enc in backend.encode_batch_fast(words, is_pretokenized=True, add_special_tokens=False)]
 
 
+def is_word(ids):
+    """Which positions of tokenised ids (numpy or jax, any shape) hold a word: not SOT / EOT / pad / the mask id."""
+    return (ids > PAD_ID) & (ids < MASK_ID)
+
+
 def tokenize(texts: str | Sequence[str], context_length: int = 77) -> np.ndarray:
     """OpenAI's `clip.tokenize(texts, context_length, truncate=True)` as numpy.
 

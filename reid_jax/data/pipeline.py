@@ -175,7 +175,7 @@ def image_words(captions: Sequence[str], context_length: int, width: int) -> np.
     """The distinct word tokens of all of an image's captions, sorted and 0-padded: int32 [width] (the words
     the image is known to show, for `losses.word_match`)."""
     ids = tokenizer.tokenize(list(captions), context_length)
-    words = np.unique(ids[(ids > tokenizer.PAD_ID) & (ids < tokenizer.MASK_ID)])
+    words = np.unique(ids[tokenizer.is_word(ids)])
     if len(words) > width:
         raise ValueError(f"config.data.image_words = {width} is too small: the captions of one image hold "
                          f"{len(words)} distinct tokens; raise it to at least {len(words)}")

@@ -39,7 +39,7 @@ def token_similarity(image_layers, text_layers, model, layer: int, num_prefix_to
 
 def real_tokens(ids: jax.Array) -> jax.Array:
     """Maskable positions [B, L]: word ids, not SOT / EOT / pad / the mask id itself."""
-    return (ids > tokenizer.PAD_ID) & (ids < tokenizer.MASK_ID)
+    return tokenizer.is_word(ids)
 
 
 def masking_probs(ids: jax.Array, sim_prev: jax.Array, p: float, mode: str) -> jax.Array:

@@ -103,7 +103,7 @@ def word_oracle(data_dir: Path, clean_dir: Path, length: int, p: float, max_imag
 def _word_token_ids(words) -> np.ndarray:
     """The distinct word token ids of `words` (a multi-piece word such as "t-shirt" gives each piece)."""
     ids = tokenizer.tokenize(sorted(words), 16)
-    return np.unique(ids[np.asarray(nam.real_tokens(jnp.asarray(ids)))])
+    return np.unique(ids[tokenizer.is_word(ids)])
 
 
 @functools.cache
