@@ -89,12 +89,17 @@ def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray |
     return records, ids, ref, np.stack([words[int(r)] for r in records])
 
 
+def _spaced_images(n: int, max_images: int) -> np.ndarray:
+    """Record ids of `max_images` training images evenly spaced over the n (0 = all)."""
+    return np.unique(np.linspace(0, n - 1, min(max_images or n, n)).round().astype(np.int64))
+
+
 def word_oracle(data_dir: Path, clean_dir: Path, length: int, p: float, max_images: int,
                 configs: tuple[str, str] = (NOISY, CLEAN), by_kind: bool = False) -> dict:
     """The ceiling of a word-level model without context, scored as NAM's: similarity 1 for a token that a clean
     caption of the same image holds, 0 otherwise (a wrong colour the image shows elsewhere scores 1)."""
     n = len(data.load_source("synthetic_pedestrians", "train", data_dir, configs[0], decode_image=False))
-    images = np.unique(np.linspace(0, n - 1, min(max_images or n, n)).round().astype(np.int64))
+    images = _spaced_images(n, max_images)
     _, ids, ref, words = _captions(data_dir, clean_dir, length, images, configs, image_words=True)
     sims = (ids[:, :, None] == words[:, None, :]).any(-1).astype(np.float32)
     return {"images": len(images)} | _scores(ids, ref, sims, p, by_kind)
@@ -188,7 +193,7 @@ def report_model(model, config, data_dir: Path, clean_dir: Path, max_images: int
     """The masking NAM would apply with the CLIP `model`'s similarities (its first NAM epoch), scored."""
     source = data.load_source("synthetic_pedestrians", "train", data_dir, configs[0])
     n = len(source)
-    images = np.unique(np.linspace(0, n - 1, min(max_images or n, n)).round().astype(np.int64))
+    images = _spaced_images(n, max_images)
     records, ids, ref = _captions(data_dir, clean_dir, config.data.context_length, images, configs)
     pixels = {int(r): transforms.eval_transform(source[int(r)]["image"], config.data.aug) for r in images}
     sims = model_similarities(model, np.stack([pixels[int(r)] for r in records]), ids, config.nam.layer)
