@@ -11,6 +11,7 @@ Variants:
              synthetic web-like corpus (clip_corpus), the init_checkpoint of every `pretrained_*` ablation
   synthetic_clip_words  stage A with its token losses at NAM's layer and a word-level term (better word alignment)
   synthetic_clip_image_words  the same, the word term's labels from all of an image's captions
+  synthetic_clip_swap  the same, plus colour words swapped in their own caption as the word term's negatives
   pretrained_{nam,uniform,none}  the masking ablation from the stage-A model (--config.init_checkpoint=RUN)
 
 Every number is a field; override on the command line (`--config.data.batch_size=64`). The method, its defaults
@@ -37,7 +38,10 @@ def base() -> ml_collections.ConfigDict:
         c.model, common.dataset("luperson_mllm", "train"),
         512,  # global; SDM runs over the whole global batch
         caption_mode="all",  # one example per (image, caption): NAM keeps one similarity row per example
-        image_words=0)  # > 0: each example also carries its image's words from every caption (word_match labels)
+        image_words=0,  # > 0: each example also carries its image's words from every caption (word_match labels)
+        # > 0: each example also carries its caption with each of `swap_words` replaced by another of them at this
+        # rate, for the word term's in-context negatives (losses.own_word_match); stage A only
+        swap_prob=0.0, swap_words=())
     c.data.pk = {"identities": 0, "instances": 0}  # unused: text-to-image batches are shuffled pairs
 
     c.nam = ml_collections.ConfigDict({
@@ -163,6 +167,18 @@ def synthetic_clip_image_words() -> ml_collections.ConfigDict:
     return c
 
 
+def synthetic_clip_swap() -> ml_collections.ConfigDict:
+    """`synthetic_clip_image_words` plus in-context negatives for the word term: each colour word of the caption
+    is swapped for another colour at rate 1/2, and scored against its own image, swapped or not. Without them a
+    caption's late words could match their image by how well the whole prefix fits it, so a wrong colour in an
+    otherwise right caption matched too. docs/ablations.md section 2."""
+    c = synthetic_clip_image_words()
+    c.data.swap_prob = 0.5  # half kept (positives in context), half swapped (mostly negatives)
+    c.data.swap_words = ("black", "white", "grey", "red", "blue", "green", "yellow", "pink", "purple", "brown",
+                         "blonde")  # the corpus' colour words, garments and hair; each one BPE token
+    return c
+
+
 def pretrained(mode: str) -> ml_collections.ConfigDict:
     """The masking ablation as the paper runs it, from a pretrained CLIP: `init_checkpoint` = the stage-A run
     (`synthetic_clip`; set it on the command line or through `python -m reid_jax.ablate`). Fixed before any
@@ -182,7 +198,7 @@ VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             "zeroshot": zeroshot, "demo": demo,
             **{f"ablation_{m}": lambda m=m: ablation(m) for m in NAM_MODES},
             "synthetic_clip": synthetic_clip, "synthetic_clip_words": synthetic_clip_words,
-            "synthetic_clip_image_words": synthetic_clip_image_words,
+            "synthetic_clip_image_words": synthetic_clip_image_words, "synthetic_clip_swap": synthetic_clip_swap,
             **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES}}
 
 

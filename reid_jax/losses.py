@@ -83,11 +83,31 @@ def word_match(cosines: jax.Array, word_ids: jax.Array, word_mask: jax.Array, sc
     m = jnp.max(cosines, axis=1)  # [B_i, B_j, L]
     if image_words is None:
         image_words = jnp.where(word_mask, word_ids, 0)
-    same = (image_words[:, None, :, None] == word_ids[None, :, None, :]) & (image_words > 0)[:, None, :, None]
-    labels = jnp.any(same, axis=2).astype(jnp.float32)  # [B_i, B_j, L]: image i shows word l of caption j
-    bce = optax.sigmoid_binary_cross_entropy(scale * m + bias, labels)
-    weight = jnp.broadcast_to(word_mask[None], bce.shape)
-    return jnp.sum(jnp.where(weight, bce, 0.0)) / jnp.maximum(weight.sum(), 1)
+    labels = _shows(image_words[:, None], word_ids[None])  # [B_i, B_j, L]: image i shows word l of caption j
+    return _mean_bce(scale * m + bias, labels, jnp.broadcast_to(word_mask[None], m.shape))
+
+
+def own_word_match(patches: jax.Array, words: jax.Array, word_ids: jax.Array, word_mask: jax.Array,
+                   image_words: jax.Array, scale: float = 10.0, bias: float = -5.0) -> jax.Array:
+    """word_match on matched pairs only: word l of caption b against image b, with the labels of image b's
+    words. With a caption whose colours were swapped (pipeline.swap_words), a swapped word is a negative in a
+    context that otherwise describes the image: the model cannot score it by how well the caption's prefix fits
+    the image, as it can for another image's caption. patches [B, P, D], words [B, L, D], word_ids int [B, L],
+    word_mask bool [B, L] (the words that count), image_words int [B, K] (0-padded). -> scalar."""
+    v, t = l2_normalize(patches.astype(jnp.float32)), l2_normalize(words.astype(jnp.float32))
+    m = jnp.max(jnp.einsum("bld,bpd->blp", t, v), axis=-1)  # [B, L]
+    return _mean_bce(scale * m + bias, _shows(image_words, word_ids), word_mask)
+
+
+def _shows(image_words: jax.Array, word_ids: jax.Array) -> jax.Array:
+    """[..., K] 0-padded words an image shows, [..., L] word ids (broadcast) -> [..., L] float: 1 where shown."""
+    same = (image_words[..., :, None] == word_ids[..., None, :]) & (image_words > 0)[..., :, None]
+    return jnp.any(same, axis=-2).astype(jnp.float32)
+
+
+def _mean_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    bce = optax.sigmoid_binary_cross_entropy(logits, labels)
+    return jnp.sum(jnp.where(mask, bce, 0.0)) / jnp.maximum(mask.sum(), 1)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

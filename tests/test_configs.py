@@ -3,6 +3,7 @@ from-scratch `ablation_*` counterpart in exactly the fields its docstring names 
 
 import pytest
 
+from reid_jax.data import pipeline
 from tests import configs
 
 
@@ -71,3 +72,6 @@ def test_stage_a_with_words_changes_only_its_token_losses():
     image_words = _flat(module.get_config("synthetic_clip_image_words").to_dict())
     assert {k for k in words if words[k] != image_words[k]} == {"data.image_words"}
     assert image_words["data.image_words"] > 0 and words["data.image_words"] == 0
+    swap = _flat(module.get_config("synthetic_clip_swap").to_dict())
+    assert {k for k in swap if swap[k] != image_words[k]} == {"data.swap_prob", "data.swap_words"}
+    assert swap["data.swap_prob"] > 0 and len(pipeline.swap_token_ids(swap["data.swap_words"])) > 1

@@ -111,6 +111,28 @@ def _word_match_loops(patches, words, ids, mask, scale, bias, shown=None):
     return total / count
 
 
+def test_own_word_match_matches_its_formula():
+    """Word l of caption b against image b only, labelled by the words image b shows (numpy loops)."""
+    rng = np.random.default_rng(9)
+    patches, words = rng.normal(size=(3, 5, 8)), rng.normal(size=(3, 6, 8))
+    ids = rng.integers(1, 6, size=(3, 6))
+    mask = rng.random((3, 6)) < 0.6
+    mask[:, 0] = True
+    shown = [{1, 2}, {3, 4, 5}, set()]
+    image_words = np.zeros((3, 4), np.int32)
+    for i, ws in enumerate(shown):
+        image_words[i, :len(ws)] = sorted(ws)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    bce = []
+    for b in range(3):
+        for l in np.flatnonzero(mask[b]):
+            z = 10.0 * (unit(patches[b]) @ unit(words[b, l])).max() - 5.0
+            bce.append(np.log1p(np.exp(-abs(z))) + max(z, 0) - z * float(ids[b, l] in shown[b]))
+    got = losses.own_word_match(jnp.asarray(patches), jnp.asarray(words), jnp.asarray(ids), jnp.asarray(mask),
+                                jnp.asarray(image_words), 10.0, -5.0)
+    assert_close(float(got), float(np.mean(bce)), TORCH, "own-word-match loss")
+
+
 def test_filip_matches_its_formula():
     rng = np.random.default_rng(7)
     patches, words = rng.normal(size=(5, 6, 8)), rng.normal(size=(5, 9, 8))

@@ -198,7 +198,8 @@ def test_attribute_token_ids_are_the_vocabulary_words():
 
 def test_stage_a_token_losses_compare_the_tokens_of_the_layer_they_name(data_dir, tmp_path):
     """loss.filip_layer = 1 on the 2-layer test model: the step's FILIP and word-match losses are their formulas
-    (loops in numpy) on the projected tokens after block 1 of each tower, not after the last."""
+    (loops in numpy) on the projected tokens after block 1 of each tower, not after the last; with
+    config.data.swap_prob, so is the in-context term on the batch's swapped captions."""
     from reid_jax.data import device, pipeline
     from reid_jax.train import tde_nam
     from tests.cli_config import tiny_config
@@ -208,6 +209,7 @@ def test_stage_a_token_losses_compare_the_tokens_of_the_layer_they_name(data_dir
     c.nam.mode = "none"
     c.loss.update({"sdm_weight": 0.0, "itc_weight": 0.0, "filip_weight": 1.0, "logit_scale": 10.0,
                    "word_weight": 1.0, "word_scale": 8.0, "word_bias": -3.0})
+    c.data.update({"swap_prob": 0.5, "swap_words": ("black", "white", "grey", "red", "blue", "green")})
     task = tde_nam.Task(c, tmp_path)
     ts = task.init_state()
     batch = device.prepare_images(next(iter(task.train_stream(pipeline.Shard()))), c.data.aug, jax.random.key(0))
@@ -217,12 +219,23 @@ def test_stage_a_token_losses_compare_the_tokens_of_the_layer_they_name(data_dir
     mask = np.asarray(nam.real_tokens(jnp.asarray(ids)))
     img_last, img_layers = model.visual(batch["image"], return_layers=True)
     txt_last, txt_layers = model.text(jnp.asarray(ids), return_layers=True)
+    swapped = np.asarray(batch["swapped_text"])
+    swappable = np.isin(ids, pipeline.swap_token_ids(c.data.swap_words))
+    assert (swapped != ids).any() and (swapped[~swappable] == ids[~swappable]).all()
+    sw_last, sw_layers = model.text(jnp.asarray(swapped), return_layers=True)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     want = {}
-    for layer, img, txt in ((1, img_layers[0], txt_layers[0]), (0, img_last, txt_last)):
+    for layer, img, txt, sw in ((1, img_layers[0], txt_layers[0], sw_layers[0]), (0, img_last, txt_last, sw_last)):
         patches = np.asarray(model.visual.project(img[:, prefix:]), np.float64)
         words = np.asarray(model.text.project(txt), np.float64)
+        sw_words = np.asarray(model.text.project(sw), np.float64)
+        own = []  # each swappable word of the swapped caption against its own image, labelled by its caption
+        for b, l in zip(*np.nonzero(swappable)):
+            z = 8.0 * (unit(patches[b]) @ unit(sw_words[b, l])).max() - 3.0
+            own.append(np.log1p(np.exp(-abs(z))) + max(z, 0) - z * float(swapped[b, l] in ids[b][mask[b]]))
         want[layer] = {"loss_filip": _filip_loops(patches, words, mask, 10.0),
-                       "loss_word": _word_match_loops(patches, words, ids, mask, 8.0, -3.0)}
+                       "loss_word": _word_match_loops(patches, words, ids, mask, 8.0, -3.0),
+                       "loss_word_swap": float(np.mean(own))}
     assert abs(want[1]["loss_filip"] - want[0]["loss_filip"]) > 1e-3  # the test can tell the layers apart
     graphdef, state = nnx.split(ts)
     for layer in (1, 0):

@@ -97,6 +97,41 @@ def test_image_words_are_every_word_of_the_images_captions(source, index):
         _take(pipeline.pairs_train(source, index, _cfg(image_words=3), seed=2), 1)
 
 
+def test_swapped_text_replaces_swap_words_by_others(source, index):
+    """config.data.swap_prob / swap_words: each pair also carries its caption with swap words replaced by other
+    ones; with two words and rate 1 that is the caption with the two exchanged, tokenised (the reference: string
+    replacement). Images and captions are those of the same stream without swapping."""
+    cfg = _cfg(caption_mode="all", swap_prob=1.0, swap_words=("person", "caption"))
+    (batch,) = _take(pipeline.pairs_train(source, index, cfg, seed=3), 1)
+    (plain,) = _take(pipeline.pairs_train(source, index, _cfg(caption_mode="all"), seed=3), 1)
+    np.testing.assert_array_equal(batch["text"], plain["text"])
+    np.testing.assert_array_equal(batch["image"], plain["image"])
+    for text, rec_id, row in zip(batch["text"], batch["image_index"], batch["swapped_text"]):
+        caption = next(c.decode() for c in source[rec_id]["captions"]
+                       if (tokenizer.tokenize(c.decode(), 16)[0] == text).all())
+        exchanged = caption.replace("person", "@").replace("caption", "person").replace("@", "caption")
+        np.testing.assert_array_equal(row, tokenizer.tokenize(exchanged, 16)[0])
+    assert "swapped_text" not in plain
+    with pytest.raises(ValueError, match=r"config.data.swap_words: \['t-shirt'\] are not single tokens"):
+        pipeline.pairs_train(source, index, _cfg(swap_prob=0.5, swap_words=("red", "t-shirt")), seed=3)
+
+
+def test_swap_words_picks_another_word_at_its_rate():
+    """pipeline.swap_words against a loop: a swap word under the rate becomes the word `1 + pick` places on."""
+    rng = np.random.default_rng(0)
+    swap_ids = np.array([7, 3, 9, 4])
+    ids = rng.choice([1, 2, 3, 4, 7, 9], size=(6, 10))
+    chance, pick = rng.random((6, 10)), rng.integers(3, size=(6, 10))
+    got = pipeline.swap_words(ids, swap_ids, chance, pick, 0.5)
+    want = ids.copy()
+    for b, l in np.ndindex(ids.shape):
+        if ids[b, l] in swap_ids.tolist() and chance[b, l] < 0.5:
+            want[b, l] = swap_ids[(swap_ids.tolist().index(ids[b, l]) + 1 + pick[b, l]) % 4]
+    np.testing.assert_array_equal(got, want)
+    changed = got != ids
+    assert changed.any() and (~changed & np.isin(ids, swap_ids) & (chance < 0.5)).sum() == 0
+
+
 def test_pk_batches_have_p_identities_with_k_images(source, index):
     for batch in _take(pipeline.pk_train(source, index, _cfg(), seed=0), 5):
         labels, counts = np.unique(batch["pid"], return_counts=True)

@@ -182,22 +182,53 @@ def image_words(captions: Sequence[str], context_length: int, width: int) -> np.
     return np.pad(words, (0, width - len(words))).astype(np.int32)
 
 
-def _load_pairs(source, examples, labels, cfg, seed: int, items: np.ndarray) -> dict:
+def swap_token_ids(words: Sequence[str]) -> np.ndarray:
+    """The token id of each of `words` (config.data.swap_words), each of which must be one BPE token: int [S]."""
+    ids = [tokenizer.encode([w])[0] for w in words]
+    split = [w for w, i in zip(words, ids) if len(i) != 1]
+    if split:
+        raise ValueError(f"config.data.swap_words: {split} are not single tokens (a swap replaces one token by "
+                         f"another); leave them out")
+    if len(ids) < 2:
+        raise ValueError(f"config.data.swap_words needs at least two words to swap between, got {list(words)}")
+    return np.asarray([i[0] for i in ids], np.int32)
+
+
+def swap_words(ids: np.ndarray, swap_ids: np.ndarray, chance: np.ndarray, pick: np.ndarray,
+               prob: float) -> np.ndarray:
+    """Replaces each token of `ids` [B, L] that is one of `swap_ids` [S], where `chance` [B, L] (uniform in [0, 1))
+    is below `prob`, by another of them: the one `1 + pick` (int in [0, S - 2], [B, L]) places further round the
+    list, never itself. -> [B, L]; the word term's in-context negatives (losses.own_word_match)."""
+    where = (ids[..., None] == swap_ids).argmax(-1)  # [B, L]: the token's place in swap_ids (0 if not one)
+    other = swap_ids[(where + 1 + pick) % len(swap_ids)]
+    return np.where(np.isin(ids, swap_ids) & (chance < prob), other, ids).astype(ids.dtype)
+
+
+def _load_pairs(source, examples, labels, cfg, seed: int, swap_ids: np.ndarray | None, items: np.ndarray) -> dict:
     """[B, 2] (stream position, example id) -> a batch of augmented images and one tokenised caption each, plus
-    `image_words` [B, W] (every caption's words, see image_words) when cfg.image_words = W > 0."""
+    `image_words` [B, W] (every caption's words, see image_words) when cfg.image_words = W > 0, and
+    `swapped_text` [B, L] (the caption with some of `swap_ids` swapped, see swap_words) when cfg.swap_prob > 0."""
     positions, ids = items[:, 0], items[:, 1]
     record_ids, caption_ids = examples[0][ids], examples[1][ids]
-    width = cfg.get("image_words", 0)
-    images, captions, shown = _Augmented(cfg.aug, len(ids)), [], []
+    width, swap_prob = cfg.get("image_words", 0), cfg.get("swap_prob", 0.0)
+    images, captions, shown, draws = _Augmented(cfg.aug, len(ids)), [], [], []
     for rec, cap, rng in zip(read(source, record_ids), caption_ids, _example_rngs(seed, positions)):
-        images.add(rec, rng, draws_follow=cap < 0)
+        images.add(rec, rng, draws_follow=cap < 0 or bool(swap_prob))
         cap = int(rng.integers(len(rec["captions"]))) if cap < 0 else cap
         captions.append(as_str(rec["captions"][cap]))
         if width:
             shown.append(image_words([as_str(c) for c in rec["captions"]], cfg.context_length, width))
-    batch = images.fields() | {"text": tokenizer.tokenize(captions, cfg.context_length), "pid": labels[record_ids],
+        if swap_prob:  # drawn last: the image and the caption do not change with the swap
+            draws.append((rng.random(cfg.context_length), rng.integers(len(swap_ids) - 1, size=cfg.context_length)))
+    text = tokenizer.tokenize(captions, cfg.context_length)
+    batch = images.fields() | {"text": text, "pid": labels[record_ids],
                                "index": ids.astype(np.int32), "image_index": record_ids.astype(np.int32)}
-    return batch | ({"image_words": np.stack(shown)} if width else {})
+    if width:
+        batch["image_words"] = np.stack(shown)
+    if swap_prob:
+        chance, pick = (np.stack(d) for d in zip(*draws))
+        batch["swapped_text"] = swap_words(text, swap_ids, chance, pick, swap_prob)
+    return batch
 
 
 def _load_images(source, labels, cfg, seed: int, captions: bool, items: np.ndarray) -> dict:
@@ -275,7 +306,7 @@ def _counted(ds: grain.MapDataset, num_workers: int, aug: ml_collections.ConfigD
 def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int,
                 shard: Shard = Shard()) -> grain.IterDataset:
     """Shuffled image-caption pairs; `cfg` is config.data (batch_size global, caption_mode, context_length,
-    num_epochs (None = forever), num_workers, aug, optional image_words)."""
+    num_epochs (None = forever), num_workers, aug, optional image_words, swap_prob and swap_words)."""
     records = np.arange(len(index))
     examples = caption_examples(index.num_captions, records, cfg.caption_mode)
     labels = _train_labels(index, records)
@@ -283,7 +314,8 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
     ds = grain.MapDataset.range(len(examples[0])).shuffle(seed=seed).repeat(cfg.num_epochs)
     ds = ds.map_with_index(lambda position, example: (position, example))
     ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda xs: np.asarray(xs)[rows])
-    ds = ds.map(partial(_load_pairs, source, examples, labels, cfg, seed))
+    swap_ids = swap_token_ids(cfg.swap_words) if cfg.get("swap_prob", 0.0) else None  # a bad word fails here
+    ds = ds.map(partial(_load_pairs, source, examples, labels, cfg, seed, swap_ids))
     return _to_iter(ds, cfg.num_workers)
 
 

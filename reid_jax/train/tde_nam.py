@@ -86,6 +86,9 @@ class Task:
             if cfg.loss.sdm_sees_mlm_mask:  # the public IRRA code's aliasing: SDM and ID see the MLM-masked ids
                 masked = mlm_ids
         prefix = 1 + ts.model.config.vision.num_extra_tokens
+        swapped = batch.get("swapped_text")  # stage A's in-context negatives (config.data.swap_prob)
+        if swapped is not None:
+            swappable = jnp.isin(ids, jnp.asarray(pipeline.swap_token_ids(cfg.data.swap_words)))
 
         def loss_fn(params: loop.Trainable):
             model, heads = params.model, params.heads
@@ -110,6 +113,13 @@ class Task:
                     parts["word"] = cfg.loss.word_weight * losses.word_match(  # labels: the batch's captions,
                         # or every caption of the image with config.data.image_words
                         cosines, masked, real, cfg.loss.word_scale, cfg.loss.word_bias, batch.get("image_words"))
+                if cfg.loss.word_weight and swapped is not None:  # each swappable word in its own caption's
+                    # context, against its own image: swapped -> a negative unless the image shows it elsewhere
+                    sw_tokens, sw_layers = model.text(swapped, return_layers=filip_layer > 0)
+                    sw_words = model.text.project(sw_layers[filip_layer - 1] if filip_layer else sw_tokens)
+                    shown = batch.get("image_words", jnp.where(nam.real_tokens(ids), ids, 0))
+                    parts["word_swap"] = cfg.loss.word_weight * losses.own_word_match(
+                        patches, sw_words, swapped, swappable, shown, cfg.loss.word_scale, cfg.loss.word_bias)
             if cfg.loss.id_weight:
                 parts["id"] = cfg.loss.id_weight * losses.id_loss(heads.id_logits(img_feat), heads.id_logits(txt_feat),
                                                                   batch["pid"], cfg.loss.id_label_smoothing)
