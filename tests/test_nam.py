@@ -179,6 +179,41 @@ def test_nam_report_of_a_model_finds_the_corrupted_words(data_dir):
     assert sum(wrong.values()) == scores["corrupted_tokens"] and sum(right.values()) == scores["clean_tokens"]
 
 
+def test_recognition_scores_each_caption_against_other_images(data_dir):
+    """nam_report --recognition: every caption meets `shifts` distinct images other than its own, and a token
+    counts as shown exactly when a clean caption of the paired image holds it (tokenised here, one caption at a
+    time, from the source's strings)."""
+    import ml_collections
+
+    from reid_jax import data
+    from reid_jax.data.records import as_str
+    from reid_jax.train import nam_report
+
+    records = np.array([2, 2, 4, 9, 9, 9])
+    pairs = nam_report.recognition_pairs(records, 2)
+    assert pairs.shape == (2, 6) and not (pairs == records).any()
+    assert all(len({*pairs[:, k]}) == 2 for k in range(6))
+    length, shifts = 48, 3
+    config = ml_collections.ConfigDict({"data": {"context_length": length, "aug": {
+        "image_size": (32, 16), "test_interpolation": "bilinear", "mean_std": "clip"}}, "nam": {"layer": 1}})
+    model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny().replace(text={"context_length": length}), rngs=nnx.Rngs(2))
+    out = nam_report.recognition(model, config, data_dir, 0, shifts, clean="small")
+    source = data.load_source("synthetic_pedestrians", "train", data_dir, "small", decode_image=False)
+    holds = [set().union(*(tokenizer.tokenize(as_str(c), length)[0].tolist() for c in r["captions"]))
+             for r in source]
+    recs, ids, _ = nam_report._captions(data_dir, data_dir, length, configs=("small", "small"))
+    shown = not_shown = 0
+    for others in nam_report.recognition_pairs(recs, shifts):
+        for row, other in zip(ids, others):
+            words = [t for t in row.tolist() if 0 < t < tokenizer.MASK_ID]
+            shown += sum(t in holds[other] for t in words)
+            not_shown += sum(t not in holds[other] for t in words)
+    got = out["recognition"]
+    assert out["images"] == len(source) and shown > 0 and not_shown > 0
+    assert sum(v["tokens"][0] for v in got.values()) == shown and sum(v["tokens"][1] for v in got.values()) == not_shown
+    assert all(0.0 <= v["auc"] <= 1.0 for v in got.values())
+
+
 def test_attribute_token_ids_are_the_vocabulary_words():
     from data_builders.synthetic_pedestrians import attributes
     from reid_jax.train.nam_report import attribute_token_ids

@@ -15,7 +15,9 @@ caption of the same image holds, else 0 (`--max_images` and `--context_length` a
 `--model` asks the same of a trained CLIP itself (e.g. the stage-A `synthetic_clip` run): it computes the token
 similarities NAM would store in its first epoch, on `--max_images` evenly spaced training images of demo_noisy with
 all their captions, using the model section, `nam.layer`, `nam.p`, context length and test transform of `--config`
-(default: the ablation from a pretrained start, configs/tde_nam.py:pretrained_nam).
+(default: the ablation from a pretrained start, configs/tde_nam.py:pretrained_nam). With `--recognition` it
+scores instead how well the model tells which words another image shows (clean captions, no context shared with
+the image): per kind of word, the AUC of shown against not shown.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ _ORACLE = flags.DEFINE_bool("oracle", False, "instead of --workdir / --model: th
                             "without context (1 for a token a clean caption of the image holds, else 0)")
 _KIND = flags.DEFINE_bool("by_kind", False, "also the AUC of each kind of wrong word (colour, other attribute, "
                           "function) against each kind of right one, with their mean similarities")
+_RECOGNITION = flags.DEFINE_bool("recognition", False, "with --model: instead of the masking AUC, how well the "
+                                 "model tells which words another image shows, per kind of word (clean captions)")
 _IMAGES = flags.DEFINE_integer("max_images", 2400, "with --model: training images scored, evenly spaced (0 = all)")
 
 
@@ -123,12 +127,17 @@ def colour_token_ids() -> np.ndarray:
     return _word_token_ids(set(attributes.COLOURS) | set(attributes.HAIR_COLOURS))
 
 
+def _kinds(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks of the colour words, the other attribute words and the rest (function words) among token ids."""
+    colour = np.isin(ids, colour_token_ids())
+    attribute = np.isin(ids, attribute_token_ids())
+    return {"colour": colour, "other_attribute": attribute & ~colour, "function": ~attribute}
+
+
 def _by_kind(ids, wrong, right, sims, probs) -> dict:
     """The AUC and mean similarities of wrong against right tokens for each pair of kinds (colour words, other
     attribute words, function words): which words NAM tells apart."""
-    colour = np.isin(ids, colour_token_ids())
-    attribute = np.isin(ids, attribute_token_ids())
-    kinds = {"colour": colour, "other_attribute": attribute & ~colour, "function": ~attribute}
+    kinds = _kinds(ids)
     out = {}
     for kw, w in kinds.items():
         for kr, r in kinds.items():
@@ -200,6 +209,42 @@ def report_model(model, config, data_dir: Path, clean_dir: Path, max_images: int
     return {"layer": config.nam.layer, "images": len(images)} | _scores(ids, ref, sims, config.nam.p, by_kind)
 
 
+def recognition_pairs(records: np.ndarray, shifts: int) -> np.ndarray:
+    """For captions of `records` [N] (several per record, grouped), the record each is scored against in each of
+    `shifts` rounds: round s pairs a caption with the record s places after its own in the sorted distinct
+    records, never its own image. -> [shifts, N]."""
+    distinct = np.unique(records)
+    place = np.searchsorted(distinct, records)
+    return np.stack([distinct[(place + s) % len(distinct)] for s in range(1, shifts + 1)])
+
+
+def recognition(model, config, clean_dir: Path, max_images: int, shifts: int = 4, clean: str = CLEAN) -> dict:
+    """Word grounding without the caption's own context: each clean caption of `max_images` images of `demo`
+    against `shifts` other images, and per kind of token the AUC of "the other image shows it" (a clean caption of
+    that image holds the token) against "it does not", over the tokens' similarities. Read beside the masking AUC:
+    a model that knows a word here but not in its own caption scores words by their context."""
+    n = len(data.load_source("synthetic_pedestrians", "train", clean_dir, clean, decode_image=False))
+    length = config.data.context_length
+    records, ids, _, words = _captions(clean_dir, clean_dir, length, _spaced_images(n, max_images), (clean, clean),
+                                       image_words=True)
+    words_of = {int(r): w for r, w in zip(records, words)}
+    source = data.load_source("synthetic_pedestrians", "train", clean_dir, clean)
+    pixels = {r: transforms.eval_transform(source[r]["image"], config.data.aug) for r in words_of}
+    sims, shown = [], []
+    for others in recognition_pairs(records, shifts):
+        sims.append(model_similarities(model, np.stack([pixels[int(r)] for r in others]), ids, config.nam.layer))
+        shown.append((ids[:, :, None] == np.stack([words_of[int(r)] for r in others])[:, None, :]).any(-1))
+    real = np.broadcast_to(tokenizer.is_word(ids), (shifts, *ids.shape))
+    tokens, sims, shown = np.broadcast_to(ids, real.shape)[real], np.stack(sims)[real], np.stack(shown)[real]
+    out = {}
+    for kind, k in _kinds(tokens).items():
+        yes, no = sims[k & shown], sims[k & ~shown]
+        if len(yes) and len(no):
+            out[kind] = {"auc": _auc(yes, no), "sim_shown": float(yes.mean()), "sim_not_shown": float(no.mean()),
+                         "tokens": [int(len(yes)), int(len(no))]}
+    return {"layer": config.nam.layer, "images": len(words_of), "recognition": out}
+
+
 def main(argv) -> None:
     del argv
     if (_WORKDIR.value is not None) + (_MODEL.value is not None) + _ORACLE.value != 1:
@@ -216,6 +261,9 @@ def main(argv) -> None:
         except errors.UserError as e:
             sys.exit(errors.report(e, errors.EXIT_USAGE))
         model = weights.model_for(config.model, _MODEL.value, config.seed)
+        if _RECOGNITION.value:
+            print(json.dumps({"model": _MODEL.value} | recognition(model, config, clean_dir, _IMAGES.value)))
+            return
         out = {"model": _MODEL.value} | report_model(model, config, data_dir, clean_dir, _IMAGES.value,
                                                           by_kind=_KIND.value)
     else:
