@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from reid_jax.data import transforms
+from reid_jax.models import clip as clip_lib
 from reid_jax.errors import expand_path
 from reid_jax.weights import converted, released, runs
 from reid_jax.weights.load import load_clip
@@ -124,15 +125,12 @@ class Encoder:
 
 
 def _compute_dtype(model: nnx.Module, dtype: str) -> str:
-    """Sets the compute dtype of every dense layer and of the modules that cast to it; LayerNorm and BatchNorm keep
-    float32 (as the models run them in training). Returns the dtype chosen."""
+    """Sets the compute dtype of `model` (see models.clip.set_compute_dtype). Returns the dtype chosen."""
     if dtype == "auto":
         dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'auto', got {dtype!r}")
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "dtype") and not isinstance(module, (nnx.LayerNorm, nnx.BatchNorm)):
-            module.dtype = jnp.dtype(dtype)
+    clip_lib.set_compute_dtype(model, dtype)
     return dtype
 
 

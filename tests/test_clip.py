@@ -1,5 +1,7 @@
 """CLIP towers against transformers' PyTorch CLIPModel (random init, every parameter perturbed)."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,6 +299,28 @@ def test_attention_implementation_choice():
     assert clip_lib.padded_length(193, 2) == 194 and clip_lib.padded_length(196, 2) == 196
     with pytest.raises(ValueError, match="pad_tokens_to"):
         clip_lib.CLIPConfig.tiny(pad_tokens_to=-1).validate()
+
+
+def test_set_compute_dtype_chooses_attention_again(monkeypatch):
+    """A model built in float32 and switched to bfloat16 (as inference.Encoder does) on an NVIDIA GPU gets cuDNN and
+    its padding, as one built in bfloat16 would; back to float32, XLA without padding; explicit choices stay."""
+    model = clip_lib.CLIP(clip_lib.CLIPConfig.tiny(), rngs=nnx.Rngs(0))
+    fixed = clip_lib.CLIP(clip_lib.CLIPConfig.tiny(attention="xla", pad_tokens_to=4), rngs=nnx.Rngs(0))
+    gpu = types.SimpleNamespace(platform="gpu", client=types.SimpleNamespace(platform_version="cuda 12.8"),
+                                compute_capability="9.0")
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    towers = lambda m: (m.visual.transformer, m.text.transformer)
+    attentions = lambda m: [b.attn for t in towers(m) for b in t.resblocks]
+    for dtype, impl, pad in (("bfloat16", "cudnn", 2), ("float32", "xla", 1)):
+        clip_lib.set_compute_dtype(model, dtype)
+        clip_lib.set_compute_dtype(fixed, dtype)
+        assert {a.implementation for a in attentions(model)} == {impl}
+        assert {t.pad_tokens_to for t in towers(model)} == {pad}
+        assert {a.implementation for a in attentions(fixed)} == {"xla"}
+        assert {t.pad_tokens_to for t in towers(fixed)} == {4}
+        block = model.visual.transformer.resblocks[0]
+        assert block.mlp.c_fc.dtype == block.ln_1.dtype == jnp.dtype(dtype)
+        assert block.ln_1.norm.dtype == jnp.float32  # LayerNorm itself stays in float32
 
 
 def test_encode_accepts_numpy_and_checks_the_input_size():

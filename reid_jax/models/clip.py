@@ -145,14 +145,34 @@ def attention_implementation(cfg: CLIPConfig, head_dim: int) -> str:
     """The `jax.nn.dot_product_attention` implementation a tower uses: `cfg.attention`, or for "" cuDNN where its
     fused kernel applies (an NVIDIA GPU of compute capability >= 8.0, a 16-bit compute dtype, a head dim that is a
     multiple of 8 and <= 128) and XLA elsewhere."""
-    if cfg.attention:
-        return cfg.attention
+    return _choose_attention(cfg.attention, cfg.dtype, head_dim)
+
+
+def _choose_attention(requested: str, dtype, head_dim: int) -> str:
+    if requested:
+        return requested
     device = jax.devices()[0]
     if device.platform != "gpu" or "cuda" not in getattr(device.client, "platform_version", "").lower():
         return "xla"
     capability = tuple(int(v) for v in str(getattr(device, "compute_capability", "0.0")).split("."))
-    half = jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return "cudnn" if half and capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> None:
+    """Sets the compute dtype of every module of `model` that has one, except LayerNorm and BatchNorm (float32 as
+    in training), then chooses each attention's implementation and each tower's padding again for it: a model built
+    in float32 and run in bfloat16 on a GPU then gets cuDNN's kernel as one built in bfloat16 does."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dtype") and not isinstance(module, (nnx.LayerNorm, nnx.BatchNorm)):
+            module.dtype = jnp.dtype(dtype)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Attention):
+            head_dim = module.in_proj.kernel.shape[0] // module.heads
+            module.implementation = _choose_attention(module.requested, dtype, head_dim)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Transformer):
+            module.pad_tokens_to = module._pad()
 
 
 def padded_length(tokens: int, multiple: int) -> int:
@@ -186,6 +206,7 @@ class Attention(nnx.Module):
     def __init__(self, width: int, heads: int, proj_std: float, cfg: CLIPConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
         self.heads = heads
+        self.requested = cfg.attention  # kept so that set_compute_dtype can choose again
         self.implementation = attention_implementation(cfg, width // heads)
         self.in_proj = _linear(width, 3 * width, dt, width ** -0.5, rngs)
         self.out_proj = _linear(width, width, dt, proj_std, rngs)
@@ -265,8 +286,12 @@ class Transformer(nnx.Module):
                                    for _ in range(layers)])
         self.remat = cfg.remat
         self.scan_layers = cfg.scan_layers
-        cudnn = self.resblocks[0].attn.implementation == "cudnn"
-        self.pad_tokens_to = cfg.pad_tokens_to or (2 if cudnn else 1)
+        self.requested_pad = cfg.pad_tokens_to
+        self.pad_tokens_to = self._pad()
+
+    def _pad(self) -> int:
+        """cfg.pad_tokens_to, or for 0 what the blocks' attention needs (2 for cuDNN, no padding for XLA)."""
+        return self.requested_pad or (2 if self.resblocks[0].attn.implementation == "cudnn" else 1)
 
     def __call__(self, x: Array, attn_bias: AttnBias = None, is_causal: bool = False,
                  return_layers: bool = False) -> tuple[Array, tuple[Array, ...]]:
