@@ -212,6 +212,18 @@ def test_recognition_scores_each_caption_against_other_images(data_dir):
     assert out["images"] == len(source) and shown > 0 and not_shown > 0
     assert sum(v["tokens"][0] for v in got.values()) == shown and sum(v["tokens"][1] for v in got.values()) == not_shown
     assert all(0.0 <= v["auc"] <= 1.0 for v in got.values())
+    # per slot: each slot's tokens are exactly the caption positions holding one of its words' tokens
+    from data_builders.synthetic_pedestrians import attributes
+    slots = nam_report.recognition(model, config, data_dir, 0, shifts, clean="small", by_slot=True)["recognition"]
+    assert slots["colour"] == got["colour"] and "pattern" in slots and "upper_colour" not in slots
+    colours = set(tokenizer.tokenize(sorted({*attributes.COLOURS, *attributes.HAIR_COLOURS}), 16).ravel().tolist())
+    for slot, v in slots.items():
+        if slot == "colour":
+            continue
+        vocab = set(tokenizer.tokenize(sorted(attributes.VOCAB[slot]), 16).ravel().tolist())
+        own = {t for t in vocab if 0 < t < tokenizer.MASK_ID} - colours  # every BPE piece ("t-shirt": t, -, shirt)
+        count = shifts * sum(t in own for row in ids for t in row.tolist() if 0 < t < tokenizer.MASK_ID)
+        assert sum(v["tokens"]) == count, slot
 
 
 def test_attribute_token_ids_are_the_vocabulary_words():

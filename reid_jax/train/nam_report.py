@@ -54,6 +54,8 @@ _KIND = flags.DEFINE_bool("by_kind", False, "also the AUC of each kind of wrong 
                           "function) against each kind of right one, with their mean similarities")
 _RECOGNITION = flags.DEFINE_bool("recognition", False, "with --model: instead of the masking AUC, how well the "
                                  "model tells which words another image shows, per kind of word (clean captions)")
+_SLOT = flags.DEFINE_bool("by_slot", False, "with --recognition: per attribute slot (colours, hair length, pattern, "
+                          "each garment and accessory kind) instead of per kind of word")
 _IMAGES = flags.DEFINE_integer("max_images", 2400, "with --model: training images scored, evenly spaced (0 = all)")
 
 
@@ -132,6 +134,16 @@ def _kinds(ids: np.ndarray) -> dict[str, np.ndarray]:
     colour = np.isin(ids, colour_token_ids())
     attribute = np.isin(ids, attribute_token_ids())
     return {"colour": colour, "other_attribute": attribute & ~colour, "function": ~attribute}
+
+
+def _slots(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Masks of the colour words and of each other attribute slot's words (hair length, pattern, garment and
+    accessory kinds) among token ids: which attributes a model grounds."""
+    colour = np.isin(ids, colour_token_ids())
+    colour_slots = {slot for slot, words in attributes.VOCAB.items() if set(words) <= {*attributes.COLOURS,
+                                                                                       *attributes.HAIR_COLOURS}}
+    return {"colour": colour} | {slot: np.isin(ids, _word_token_ids(words)) & ~colour
+                                 for slot, words in attributes.VOCAB.items() if slot not in colour_slots}
 
 
 def _by_kind(ids, wrong, right, sims, probs) -> dict:
@@ -218,11 +230,13 @@ def recognition_pairs(records: np.ndarray, shifts: int) -> np.ndarray:
     return np.stack([distinct[(place + s) % len(distinct)] for s in range(1, shifts + 1)])
 
 
-def recognition(model, config, clean_dir: Path, max_images: int, shifts: int = 4, clean: str = CLEAN) -> dict:
+def recognition(model, config, clean_dir: Path, max_images: int, shifts: int = 4, clean: str = CLEAN,
+                by_slot: bool = False) -> dict:
     """Word grounding without the caption's own context: each clean caption of `max_images` images of `demo`
-    against `shifts` other images, and per kind of token the AUC of "the other image shows it" (a clean caption of
-    that image holds the token) against "it does not", over the tokens' similarities. Read beside the masking AUC:
-    a model that knows a word here but not in its own caption scores words by their context."""
+    against `shifts` other images, and per kind of token (`by_slot`: colours and each other attribute slot) the AUC
+    of "the other image shows it" (a clean caption of that image holds the token) against "it does not", over the
+    tokens' similarities. Read beside the masking AUC: a model that knows a word here but not in its own caption
+    scores words by their context."""
     n = len(data.load_source("synthetic_pedestrians", "train", clean_dir, clean, decode_image=False))
     length = config.data.context_length
     records, ids, _, words = _captions(clean_dir, clean_dir, length, _spaced_images(n, max_images), (clean, clean),
@@ -237,7 +251,7 @@ def recognition(model, config, clean_dir: Path, max_images: int, shifts: int = 4
     real = np.broadcast_to(tokenizer.is_word(ids), (shifts, *ids.shape))
     tokens, sims, shown = np.broadcast_to(ids, real.shape)[real], np.stack(sims)[real], np.stack(shown)[real]
     out = {}
-    for kind, k in _kinds(tokens).items():
+    for kind, k in (_slots if by_slot else _kinds)(tokens).items():
         yes, no = sims[k & shown], sims[k & ~shown]
         if len(yes) and len(no):
             out[kind] = {"auc": _auc(yes, no), "sim_shown": float(yes.mean()), "sim_not_shown": float(no.mean()),
@@ -262,7 +276,8 @@ def main(argv) -> None:
             sys.exit(errors.report(e, errors.EXIT_USAGE))
         model = weights.model_for(config.model, _MODEL.value, config.seed)
         if _RECOGNITION.value:
-            print(json.dumps({"model": _MODEL.value} | recognition(model, config, clean_dir, _IMAGES.value)))
+            print(json.dumps({"model": _MODEL.value} | recognition(model, config, clean_dir, _IMAGES.value,
+                                                                     by_slot=_SLOT.value)))
             return
         out = {"model": _MODEL.value} | report_model(model, config, data_dir, clean_dir, _IMAGES.value,
                                                           by_kind=_KIND.value)
