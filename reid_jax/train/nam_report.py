@@ -123,10 +123,13 @@ def attribute_token_ids() -> np.ndarray:
     return _word_token_ids(set().union(*attributes.VOCAB.values()))
 
 
+COLOUR_WORDS = frozenset(attributes.COLOURS) | frozenset(attributes.HAIR_COLOURS)  # garments, accessories, hair
+
+
 @functools.cache
 def colour_token_ids() -> np.ndarray:
     """Token ids of the synthetic captions' colour words (garments, accessories, hair)."""
-    return _word_token_ids(set(attributes.COLOURS) | set(attributes.HAIR_COLOURS))
+    return _word_token_ids(COLOUR_WORDS)
 
 
 def _kinds(ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -140,10 +143,8 @@ def _slots(ids: np.ndarray) -> dict[str, np.ndarray]:
     """Masks of the colour words and of each other attribute slot's words (hair length, pattern, garment and
     accessory kinds) among token ids: which attributes a model grounds."""
     colour = np.isin(ids, colour_token_ids())
-    colour_slots = {slot for slot, words in attributes.VOCAB.items() if set(words) <= {*attributes.COLOURS,
-                                                                                       *attributes.HAIR_COLOURS}}
     return {"colour": colour} | {slot: np.isin(ids, _word_token_ids(words)) & ~colour
-                                 for slot, words in attributes.VOCAB.items() if slot not in colour_slots}
+                                 for slot, words in attributes.VOCAB.items() if not set(words) <= COLOUR_WORDS}
 
 
 def _by_kind(ids, wrong, right, sims, probs) -> dict:
