@@ -75,3 +75,7 @@ def test_stage_a_with_words_changes_only_its_token_losses():
     swap = _flat(module.get_config("synthetic_clip_swap").to_dict())
     assert {k for k in swap if swap[k] != image_words[k]} == {"data.swap_prob", "data.swap_words"}
     assert swap["data.swap_prob"] > 0 and len(pipeline.swap_token_ids(swap["data.swap_words"])) > 1
+    kinds = _flat(module.get_config("synthetic_clip_swap_kinds").to_dict())
+    assert {k for k in kinds if kinds[k] != swap[k]} == {"data.swap_words"}
+    groups = pipeline.swap_groups(kinds["data.swap_words"])
+    assert groups[0] == tuple(swap["data.swap_words"]) and len(groups) > 1  # the colours stay one group

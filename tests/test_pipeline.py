@@ -117,19 +117,45 @@ def test_swapped_text_replaces_swap_words_by_others(source, index):
 
 
 def test_swap_words_picks_another_word_at_its_rate():
-    """pipeline.swap_words against a loop: a swap word under the rate becomes the word `1 + pick` places on."""
+    """pipeline.swap_words against a loop: a swap word under the rate becomes the word `1 + pick` places on in its
+    group (one group: the whole list), and over many draws every other word of the group about equally often."""
     rng = np.random.default_rng(0)
-    swap_ids = np.array([7, 3, 9, 4])
-    ids = rng.choice([1, 2, 3, 4, 7, 9], size=(6, 10))
-    chance, pick = rng.random((6, 10)), rng.integers(3, size=(6, 10))
-    got = pipeline.swap_words(ids, swap_ids, chance, pick, 0.5)
-    want = ids.copy()
-    for b, l in np.ndindex(ids.shape):
-        if ids[b, l] in swap_ids.tolist() and chance[b, l] < 0.5:
-            want[b, l] = swap_ids[(swap_ids.tolist().index(ids[b, l]) + 1 + pick[b, l]) % 4]
-    np.testing.assert_array_equal(got, want)
-    changed = got != ids
-    assert changed.any() and (~changed & np.isin(ids, swap_ids) & (chance < 0.5)).sum() == 0
+    one = pipeline.Swaps(np.array([7, 3, 9, 4]), np.zeros(4, int), np.full(4, 4))
+    groups = pipeline.Swaps(np.array([7, 3, 9, 4, 5]), np.array([0, 0, 0, 3, 3]), np.array([3, 3, 3, 2, 2]))
+    for swaps, picks in ((one, 3), (groups, 2)):
+        assert swaps.picks == picks
+        members = [swaps.ids[s:s + n].tolist() for s, n in zip(swaps.start, swaps.size)]
+        ids = rng.choice([1, 2, *swaps.ids.tolist()], size=(6, 10))
+        chance, pick = rng.random((6, 10)), rng.integers(swaps.picks, size=(6, 10))
+        got = pipeline.swap_words(ids, swaps, chance, pick, 0.5)
+        want = ids.copy()
+        for b, l in np.ndindex(ids.shape):
+            if ids[b, l] in swaps.ids.tolist() and chance[b, l] < 0.5:
+                group = members[swaps.ids.tolist().index(ids[b, l])]
+                want[b, l] = group[(group.index(ids[b, l]) + 1 + pick[b, l] % (len(group) - 1)) % len(group)]
+        np.testing.assert_array_equal(got, want)
+        changed = got != ids
+        assert changed.any() and (~changed & np.isin(ids, swaps.ids) & (chance < 0.5)).sum() == 0
+    # every other word of a group is drawn: 7 (group 7, 3, 9) becomes 3 and 9 about equally, never 4 or 5
+    many = pipeline.swap_words(np.full((1, 6000), 7), groups, np.zeros((1, 6000)),
+                               rng.integers(groups.picks, size=(1, 6000)), 0.5)
+    assert set(np.unique(many).tolist()) == {3, 9} and abs((many == 3).mean() - 0.5) < 0.03
+
+
+def test_swap_table_groups_words_and_names_bad_ones():
+    """config.data.swap_words: a tuple of words is one group; a tuple of tuples, one group each; the table's ids are
+    the tokeniser's, and a group of one word, a word in two groups or a mixed tuple is refused by name."""
+    table = pipeline.swap_table((("red", "blue", "green"), ("jacket", "coat")))
+    want = [tokenizer.encode([w])[0][0] for w in ("red", "blue", "green", "jacket", "coat")]
+    assert table.ids.tolist() == want and table.start.tolist() == [0, 0, 0, 3, 3]
+    assert table.size.tolist() == [3, 3, 3, 2, 2] and table.picks == 2
+    assert pipeline.swap_table(("red", "blue", "green")).size.tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match=r"at least two words .* in each group, got \[\['red', 'blue'\], \['coat'\]\]"):
+        pipeline.swap_table((("red", "blue"), ("coat",)))
+    with pytest.raises(ValueError, match=r"config.data.swap_words: \['red'\] are in more than one group"):
+        pipeline.swap_table((("red", "blue"), ("red", "coat")))
+    with pytest.raises(ValueError, match=r"config.data.swap_words must be a tuple of words, or a tuple of groups"):
+        pipeline.swap_table(("red", ("blue", "coat")))
 
 
 def test_pk_batches_have_p_identities_with_k_images(source, index):

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import threading
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import NamedTuple
 
 import grain
 import ml_collections
@@ -182,32 +184,73 @@ def image_words(captions: Sequence[str], context_length: int, width: int) -> np.
     return np.pad(words, (0, width - len(words))).astype(np.int32)
 
 
-def swap_token_ids(words: Sequence[str]) -> np.ndarray:
-    """The token id of each of `words` (config.data.swap_words), each of which must be one BPE token: int [S]."""
-    ids = [tokenizer.encode([w])[0] for w in words]
-    split = [w for w, i in zip(words, ids) if len(i) != 1]
+class Swaps(NamedTuple):
+    """config.data.swap_words as token ids, group after group: ids [S], and each word's group as the place of its
+    first word in `ids` (start [S]) and its number of words (size [S]). A word swaps only within its group."""
+    ids: np.ndarray
+    start: np.ndarray
+    size: np.ndarray
+
+    @property
+    def picks(self) -> int:
+        """The range of the `pick` draws: each group's number of other words divides it, so that
+        `pick % (size - 1)` is uniform in every group (one group of S words: S - 1, as a plain list always drew)."""
+        return math.lcm(*(self.size - 1).tolist())
+
+
+def swap_groups(words: Sequence) -> list[tuple[str, ...]]:
+    """config.data.swap_words -> its groups: a tuple of words is one group; a tuple of tuples, one group each."""
+    if all(isinstance(w, str) for w in words):
+        return [tuple(words)]
+    if all(isinstance(g, (tuple, list)) and all(isinstance(w, str) for w in g) for g in words):
+        return [tuple(g) for g in words]
+    raise ValueError(f"config.data.swap_words must be a tuple of words, or a tuple of groups (tuples of words) "
+                     f"that each swap among themselves; got {words!r}")
+
+
+def swap_table(words: Sequence) -> Swaps:
+    """The token ids of config.data.swap_words by group; each word must be one BPE token, each group hold at least
+    two words and no word be in two groups."""
+    groups = swap_groups(words)
+    flat = [w for g in groups for w in g]
+    ids = [tokenizer.encode([w])[0] for w in flat]
+    split = [w for w, i in zip(flat, ids) if len(i) != 1]
     if split:
         raise ValueError(f"config.data.swap_words: {split} are not single tokens (a swap replaces one token by "
                          f"another); leave them out")
-    if len(ids) < 2:
-        raise ValueError(f"config.data.swap_words needs at least two words to swap between, got {list(words)}")
-    return np.asarray([i[0] for i in ids], np.int32)
+    if any(len(g) < 2 for g in groups):
+        raise ValueError(f"config.data.swap_words needs at least two words to swap between in each group, got "
+                         f"{[list(g) for g in groups]}")
+    twice = sorted({w for w in flat if flat.count(w) > 1})
+    if twice:
+        raise ValueError(f"config.data.swap_words: {twice} are in more than one group (or twice in one); a word "
+                         f"swaps within its one group")
+    starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+    return Swaps(np.asarray([i[0] for i in ids], np.int32),
+                 np.repeat(starts, [len(g) for g in groups]).astype(np.int32),
+                 np.repeat([len(g) for g in groups], [len(g) for g in groups]).astype(np.int32))
 
 
-def swap_words(ids: np.ndarray, swap_ids: np.ndarray, chance: np.ndarray, pick: np.ndarray,
-               prob: float) -> np.ndarray:
-    """Replaces each token of `ids` [B, L] that is one of `swap_ids` [S], where `chance` [B, L] (uniform in [0, 1))
-    is below `prob`, by another of them: the one `1 + pick` (int in [0, S - 2], [B, L]) places further round the
-    list, never itself. -> [B, L]; the word term's in-context negatives (losses.own_word_match)."""
-    where = (ids[..., None] == swap_ids).argmax(-1)  # [B, L]: the token's place in swap_ids (0 if not one)
-    other = swap_ids[(where + 1 + pick) % len(swap_ids)]
-    return np.where(np.isin(ids, swap_ids) & (chance < prob), other, ids).astype(ids.dtype)
+def swap_token_ids(words: Sequence) -> np.ndarray:
+    """The token id of each word of config.data.swap_words (see swap_table), all groups together: int [S]."""
+    return swap_table(words).ids
 
 
-def _load_pairs(source, examples, labels, cfg, seed: int, swap_ids: np.ndarray | None, items: np.ndarray) -> dict:
+def swap_words(ids: np.ndarray, swaps: Swaps, chance: np.ndarray, pick: np.ndarray, prob: float) -> np.ndarray:
+    """Replaces each token of `ids` [B, L] that is one of `swaps.ids`, where `chance` [B, L] (uniform in [0, 1))
+    is below `prob`, by another word of its group: the one `1 + pick % (size - 1)` places further round the group
+    (`pick`: int in [0, swaps.picks), [B, L]), never itself. -> [B, L]; the word term's in-context negatives
+    (losses.own_word_match)."""
+    where = (ids[..., None] == swaps.ids).argmax(-1)  # [B, L]: the token's place in swaps.ids (0 if not one)
+    start, size = swaps.start[where], swaps.size[where]
+    other = swaps.ids[start + (where - start + 1 + pick % (size - 1)) % size]
+    return np.where(np.isin(ids, swaps.ids) & (chance < prob), other, ids).astype(ids.dtype)
+
+
+def _load_pairs(source, examples, labels, cfg, seed: int, swaps: Swaps | None, items: np.ndarray) -> dict:
     """[B, 2] (stream position, example id) -> a batch of augmented images and one tokenised caption each, plus
     `image_words` [B, W] (every caption's words, see image_words) when cfg.image_words = W > 0, and
-    `swapped_text` [B, L] (the caption with some of `swap_ids` swapped, see swap_words) when cfg.swap_prob > 0."""
+    `swapped_text` [B, L] (the caption with some of `swaps` swapped, see swap_words) when cfg.swap_prob > 0."""
     positions, ids = items[:, 0], items[:, 1]
     record_ids, caption_ids = examples[0][ids], examples[1][ids]
     width, swap_prob = cfg.get("image_words", 0), cfg.get("swap_prob", 0.0)
@@ -219,7 +262,7 @@ def _load_pairs(source, examples, labels, cfg, seed: int, swap_ids: np.ndarray |
         if width:
             shown.append(image_words([as_str(c) for c in rec["captions"]], cfg.context_length, width))
         if swap_prob:  # drawn last: the image and the caption do not change with the swap
-            draws.append((rng.random(cfg.context_length), rng.integers(len(swap_ids) - 1, size=cfg.context_length)))
+            draws.append((rng.random(cfg.context_length), rng.integers(swaps.picks, size=cfg.context_length)))
     text = tokenizer.tokenize(captions, cfg.context_length)
     batch = images.fields() | {"text": text, "pid": labels[record_ids],
                                "index": ids.astype(np.int32), "image_index": record_ids.astype(np.int32)}
@@ -227,7 +270,7 @@ def _load_pairs(source, examples, labels, cfg, seed: int, swap_ids: np.ndarray |
         batch["image_words"] = np.stack(shown)
     if swap_prob:
         chance, pick = (np.stack(d) for d in zip(*draws))
-        batch["swapped_text"] = swap_words(text, swap_ids, chance, pick, swap_prob)
+        batch["swapped_text"] = swap_words(text, swaps, chance, pick, swap_prob)
     return batch
 
 
@@ -314,8 +357,8 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
     ds = grain.MapDataset.range(len(examples[0])).shuffle(seed=seed).repeat(cfg.num_epochs)
     ds = ds.map_with_index(lambda position, example: (position, example))
     ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda xs: np.asarray(xs)[rows])
-    swap_ids = swap_token_ids(cfg.swap_words) if cfg.get("swap_prob", 0.0) else None  # a bad word fails here
-    ds = ds.map(partial(_load_pairs, source, examples, labels, cfg, seed, swap_ids))
+    swaps = swap_table(cfg.swap_words) if cfg.get("swap_prob", 0.0) else None  # a bad word fails here
+    ds = ds.map(partial(_load_pairs, source, examples, labels, cfg, seed, swaps))
     return _to_iter(ds, cfg.num_workers)
 
 
