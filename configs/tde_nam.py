@@ -15,6 +15,7 @@ Variants:
   synthetic_clip_swap_kinds  the same, the swaps also over garment, shoe, bag and hat kinds, hair length and pattern,
              each word within its own attribute
   pretrained_{nam,uniform,none}  the masking ablation from the stage-A model (--config.init_checkpoint=RUN)
+  pretrained_{oracle,word_oracle}  NAM's ceiling in that ablation: its table from the captions' truth, not the model
 
 Every number is a field; override on the command line (`--config.data.batch_size=64`). The method, its defaults
 and where the authors' code differs from the paper: docs/tde_nam.md.
@@ -48,7 +49,10 @@ def base() -> ml_collections.ConfigDict:
 
     c.nam = ml_collections.ConfigDict({
         "mode": "nam",  # 'nam' | 'uniform' (the paper's EM ablation) | 'none'
-        "layer": 10, "p": 0.15, "mask_prob": 0.8, "random_prob": 0.1})
+        "layer": 10, "p": 0.15, "mask_prob": 0.8, "random_prob": 0.1,
+        # ablation ceiling, synthetic_pedestrians only: NAM's table from the truth instead of the model ('exact' | 'word',
+        # reid_jax/train/nam_oracle.py), built from the clean captions of the same images (TFDS config oracle_config)
+        "oracle": "", "oracle_config": "demo"})
     c.loss = ml_collections.ConfigDict({
         "logit_scale": 50.0,  # SDM temperature 0.02, fixed
         "sdm_weight": 1.0,  # the paper's only pretraining loss; 0 for CLIP's contrastive training alone (ITC)
@@ -205,6 +209,15 @@ def pretrained(mode: str) -> ml_collections.ConfigDict:
     return c
 
 
+def pretrained_oracle(kind: str) -> ml_collections.ConfigDict:
+    """`pretrained_nam` with NAM's similarity table known from the start instead of measured by the model:
+    'exact' = 0 for exactly the wrong words (a perfect model), 'word' = 0 for words no clean caption of the image
+    holds (a perfect word-level model without context). What NAM could gain at best. docs/ablations.md."""
+    c = pretrained("nam")
+    c.nam.oracle = kind
+    return c
+
+
 VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             **{f"finetune_{k}": lambda k=k: finetune(k) for k in TEST_SETS},
             "finetune_irra": lambda: finetune("cuhk", irra_groups=True),
@@ -214,7 +227,9 @@ VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             "synthetic_clip": synthetic_clip, "synthetic_clip_words": synthetic_clip_words,
             "synthetic_clip_image_words": synthetic_clip_image_words, "synthetic_clip_swap": synthetic_clip_swap,
             "synthetic_clip_swap_kinds": synthetic_clip_swap_kinds,
-            **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES}}
+            **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES},
+            "pretrained_oracle": lambda: pretrained_oracle("exact"),
+            "pretrained_word_oracle": lambda: pretrained_oracle("word")}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -50,6 +50,18 @@ def test_pretrained_variants_change_only_the_start(name):
         assert {k: pretrained[k] for k in changes} == changes, stage
 
 
+def test_oracle_variants_change_only_the_table():
+    """pretrained_oracle / pretrained_word_oracle: pretrained_nam with NAM's table from the truth, nothing else;
+    the clean captions are those of the training images (demo for demo_noisy)."""
+    module = configs.load("tde_nam")
+    nam_run = _flat(module.get_config("pretrained_nam").to_dict())
+    assert nam_run["nam.oracle"] == "" and nam_run["data.train.config"] == "demo_noisy"
+    for variant, kind in (("pretrained_oracle", "exact"), ("pretrained_word_oracle", "word")):
+        oracle = _flat(module.get_config(variant).to_dict())
+        assert {k for k in nam_run if nam_run[k] != oracle[k]} == {"nam.oracle"} and oracle["nam.oracle"] == kind
+        assert oracle["nam.oracle_config"] == "demo"
+
+
 def test_stage_a_config():
     """synthetic_clip: the demo's small CLIP on clip_corpus with ITC + FILIP and no SDM or masking, evaluated on
     the demo's held-out identities and templates, as the ablations are."""

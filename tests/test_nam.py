@@ -291,3 +291,58 @@ def test_stage_a_token_losses_compare_the_tokens_of_the_layer_they_name(data_dir
         metrics = jax.jit(lambda s, b: task.train_step(nnx.merge(graphdef, s), b, jax.random.key(1)))(state, batch)
         for name, value in want[layer].items():
             assert_close(float(metrics[name]), value, 1e-4, f"{name} at filip_layer={layer}")
+
+
+def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
+    """config.nam.oracle: NAM's table starts as the truth of small_noisy against small and no step changes it.
+    'exact' is 0 at exactly the tokens where a caption's tokens differ from its clean twin (the reference: both
+    builders' plans, matched by file name and tokenised here); 'word' is 0 at the tokens no clean caption of the
+    image holds. In each caption NAM then masks every wrong word more likely than any right one."""
+    from data_builders.synthetic_pedestrians import CONFIGS, builder
+    from reid_jax import errors
+    from reid_jax.data import build, device, pipeline
+    from reid_jax.train import tde_nam
+    from tests.cli_config import tiny_config
+
+    build.build("synthetic_pedestrians", data_dir, config="small_noisy")
+    plans = {n: {s.file_name: s.captions for s in builder.plan(next(c for c in CONFIGS if c.name == n))["train"]}
+             for n in ("small_noisy", "small")}
+    c = tiny_config(data_dir)
+    c.data.train.config = "small_noisy"
+    c.nam.update({"mode": "nam", "oracle": "exact", "oracle_config": "small"})
+    length = c.data.context_length
+    for kind in ("exact", "word"):
+        c.nam.oracle = kind
+        task = tde_nam.Task(c, tmp_path)
+        ts = task.init_state()
+        batch = device.prepare_images(next(iter(task.train_stream(pipeline.Shard()))), c.data.aug, jax.random.key(0))
+        table = np.asarray(ts.nam_sims[...], np.float32)[np.asarray(batch["index"])]
+        wrong_seen = 0
+        for text, rec, row in zip(np.asarray(batch["text"]), np.asarray(batch["image_index"]), table):
+            name = task.source[int(rec)]["file_name"]
+            name = name.decode() if isinstance(name, bytes) else name
+            noisy, clean = plans["small_noisy"][name], plans["small"][name]
+            cap = next(i for i, n in enumerate(noisy) if (tokenizer.tokenize(n, length)[0] == text).all())
+            ref = tokenizer.tokenize(clean[cap], length)[0]
+            shown = {t for s in clean for t in tokenizer.tokenize(s, length)[0].tolist()}
+            if kind == "exact":
+                want = np.where(((text > 0) == (ref > 0)).all() & (text != ref), 0.0, 1.0)
+            else:
+                want = np.asarray([float(t in shown) for t in text.tolist()])
+            word = np.asarray(tokenizer.is_word(text))
+            np.testing.assert_array_equal(row[word], want[word])
+            wrong_seen += int((want[word] == 0).sum())
+        assert wrong_seen > 0
+        probs = np.asarray(nam.masking_probs(jnp.asarray(batch["text"]), jnp.asarray(table), P, "nam"))
+        is_word = np.asarray(tokenizer.is_word(np.asarray(batch["text"])))
+        for prob, wrong, word in zip(probs, table == 0, is_word):  # each wrong word masked more than any right one
+            if (wrong & word).any():
+                assert prob[wrong & word].min() > prob[~wrong & word].max()
+        graphdef, state = nnx.split(ts)
+        after = jax.jit(lambda s, b: (lambda t: (task.train_step(t, b, jax.random.key(1)), nnx.state(t))[1])(
+            nnx.merge(graphdef, s)))(state, batch)
+        np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, after).nam_sims[...]),
+                                      np.asarray(ts.nam_sims[...]))
+    c.nam.mode = "uniform"
+    with pytest.raises(errors.ConfigError, match=r"config.nam.oracle = 'word' .* needs config.nam.mode = 'nam'"):
+        tde_nam.Task(c, tmp_path)

@@ -32,10 +32,10 @@ import numpy as np
 from absl import app, flags
 from data_builders.synthetic_pedestrians import attributes
 from reid_jax import config_file, data, errors, tokenizer, weights
-from reid_jax.data import pipeline, transforms
+from reid_jax.data import transforms
 from reid_jax.eval import encode
-from reid_jax.data.records import as_str
 from reid_jax.models import nam
+from reid_jax.train import nam_oracle
 from reid_jax.weights import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a finished ablation_nam run: score the similarity table it "
@@ -79,20 +79,7 @@ def _captions(data_dir: Path, clean_dir: Path, length: int, images: np.ndarray |
     `image_words` the word tokens of all clean captions of each caption's image, 0-padded [N, W]."""
     noisy = data.load_source("synthetic_pedestrians", "train", data_dir, configs[0], decode_image=False)
     clean = data.load_source("synthetic_pedestrians", "train", clean_dir, configs[1], decode_image=False)
-    counts = np.asarray([len(r["captions"]) for r in noisy])
-    records = np.arange(len(noisy)) if images is None else images
-    records, caption_ids = pipeline.caption_examples(counts, records, "all")
-    by_name = {clean[i]["file_name"]: i for i in range(len(clean))}  # the two builds may order records apart
-    noisy_recs = {int(r): noisy[int(r)] for r in np.unique(records)}
-    ids = tokenizer.tokenize([as_str(noisy_recs[r]["captions"][c]) for r, c in zip(records, caption_ids)], length)
-    ref = tokenizer.tokenize([as_str(clean[by_name[noisy_recs[r]["file_name"]]]["captions"][c])
-                              for r, c in zip(records, caption_ids)], length)
-    if not image_words:
-        return records, ids, ref
-    shown = {r: [as_str(c) for c in clean[by_name[rec["file_name"]]]["captions"]] for r, rec in noisy_recs.items()}
-    width = max(len(c) for c in shown.values()) * length
-    words = {r: pipeline.image_words(c, length, width) for r, c in shown.items()}
-    return records, ids, ref, np.stack([words[int(r)] for r in records])
+    return nam_oracle.paired_captions(noisy, clean, length, images, image_words)
 
 
 def _spaced_images(n: int, max_images: int) -> np.ndarray:
@@ -107,8 +94,7 @@ def word_oracle(data_dir: Path, clean_dir: Path, length: int, p: float, max_imag
     n = len(data.load_source("synthetic_pedestrians", "train", data_dir, configs[0], decode_image=False))
     images = _spaced_images(n, max_images)
     _, ids, ref, words = _captions(data_dir, clean_dir, length, images, configs, image_words=True)
-    sims = (ids[:, :, None] == words[:, None, :]).any(-1).astype(np.float32)
-    return {"images": len(images)} | _scores(ids, ref, sims, p, by_kind)
+    return {"images": len(images)} | _scores(ids, ref, nam_oracle.similarities(ids, ref, words, "word"), p, by_kind)
 
 
 def _word_token_ids(words) -> np.ndarray:

@@ -27,7 +27,7 @@ from reid_jax.data import pipeline, specs
 from reid_jax.eval import text_reid
 from reid_jax.models import clip as clip_lib
 from reid_jax.models import irra, nam
-from reid_jax.train import common, loop
+from reid_jax.train import common, loop, nam_oracle
 
 
 class Task:
@@ -37,6 +37,9 @@ class Task:
         if config.nam.mode == "nam" and config.data.caption_mode != "all":
             raise errors.ConfigError("config.nam.mode='nam' keeps one similarity row per (image, caption) example: set "
                              "config.data.caption_mode='all'")
+        if config.nam.get("oracle") and config.nam.mode != "nam":
+            raise errors.ConfigError(f"config.nam.oracle = {config.nam.oracle!r} is NAM's table from the truth; it "
+                                     f"needs config.nam.mode = 'nam', got {config.nam.mode!r}")
         self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
@@ -50,6 +53,13 @@ class Task:
         if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
             buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), nam.UNSEEN, jnp.float16)
+            if self.config.nam.get("oracle"):  # the ablation's ceiling: the table known from the start, kept
+                oracle = nam_oracle.table(self.config.data.train, self.config.nam.oracle_config, self.data_dir,
+                                          self.config.data.context_length, self.config.nam.oracle)
+                if len(oracle) != self.num_examples:
+                    raise errors.ConfigError(f"config.nam.oracle: {len(oracle)} examples in the clean captions' "
+                                             f"table, {self.num_examples} in training; keep config.data.train whole")
+                buffers["nam_sims"] = buffers["nam_sims"].at[:len(oracle)].set(oracle.astype(np.float16))
         heads = None
         if self.config.loss.id_weight or self.config.loss.mlm_weight:
             heads = irra.IRRAHeads(model.config, len(np.unique(self.index.pids)), self.config.loss.mlm_depth,
@@ -76,7 +86,7 @@ class Task:
         probs = nam.masking_probs(ids, prev, cfg.nam.p, cfg.nam.mode)
         masked, labels = nam.mask_tokens(ids, probs, k_nam, mask_prob=cfg.nam.mask_prob,
                                          random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
-        want_sims = cfg.nam.mode == "nam"
+        want_sims = cfg.nam.mode == "nam" and not cfg.nam.get("oracle")
         token_losses = bool(cfg.loss.filip_weight or cfg.loss.word_weight)  # stage A's word-region terms
         filip_layer = cfg.loss.filip_layer if token_losses else 0
         use_mlm = bool(cfg.loss.mlm_weight)
