@@ -50,8 +50,8 @@ def base() -> ml_collections.ConfigDict:
     c.nam = ml_collections.ConfigDict({
         "mode": "nam",  # 'nam' | 'uniform' (the paper's EM ablation) | 'none'
         "layer": 10, "p": 0.15, "mask_prob": 0.8, "random_prob": 0.1,
-        # ablation ceiling, synthetic_pedestrians only: NAM's table from the truth instead of the model ('exact' | 'word',
-        # reid_jax/train/nam_oracle.py), built from the clean captions of the same images (TFDS config oracle_config)
+        # ablation ceiling, synthetic_pedestrians only: NAM's table from the truth instead of the model ('exact' |
+        # 'word', reid_jax/train/nam_oracle.py), from the clean captions of the same images (TFDS config oracle_config)
         "oracle": "", "oracle_config": "demo"})
     c.loss = ml_collections.ConfigDict({
         "logit_scale": 50.0,  # SDM temperature 0.02, fixed
