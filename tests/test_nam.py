@@ -301,6 +301,7 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
     from data_builders.synthetic_pedestrians import CONFIGS, builder
     from reid_jax import errors
     from reid_jax.data import build, device, pipeline
+    from reid_jax.data.records import as_str
     from reid_jax.train import tde_nam
     from tests.cli_config import tiny_config
 
@@ -319,8 +320,7 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
         table = np.asarray(ts.nam_sims[...], np.float32)[np.asarray(batch["index"])]
         wrong_seen = 0
         for text, rec, row in zip(np.asarray(batch["text"]), np.asarray(batch["image_index"]), table):
-            name = task.source[int(rec)]["file_name"]
-            name = name.decode() if isinstance(name, bytes) else name
+            name = as_str(task.source[int(rec)]["file_name"])
             noisy, clean = plans["small_noisy"][name], plans["small"][name]
             cap = next(i for i, n in enumerate(noisy) if (tokenizer.tokenize(n, length)[0] == text).all())
             ref = tokenizer.tokenize(clean[cap], length)[0]
