@@ -107,12 +107,44 @@ def test_token_similarity_reads_the_right_layer_and_patches():
 
 
 def test_nam_report_auc_is_the_pairwise_win_rate():
-    from reid_jax.train.nam_report import _auc
+    from reid_jax.train.nam_oracle import auc as _auc
 
     rng = np.random.default_rng(3)
     pos, neg = np.round(rng.normal(0.3, 1, 40), 1), np.round(rng.normal(0, 1, 70), 1)  # rounding makes ties
     wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
     assert _auc(pos, neg) == pytest.approx(wins / (40 * 70))
+
+
+def test_degraded_oracle_table_has_the_masking_auc_asked():
+    """nam_oracle.degrade: the exact table (1 right, 0 wrong) times the gap plus one Gaussian draw times a single
+    sigma, clipped to [-1, 1], whose masking probabilities (docs/tde_nam.md's formula in numpy) rank the wrong
+    tokens above the right ones with the AUC asked (every pair counted); out-of-reach targets are refused."""
+    from reid_jax import errors
+    from reid_jax.train import nam_oracle
+
+    rng = np.random.default_rng(7)
+    ids = _ids(rng, n=300, length=24)
+    ref = np.where(tokenizer.is_word(ids) & (rng.random(ids.shape) < 0.2), ids % 1000 + 1, ids)  # 20% words wrong
+    ref[0, 1:3] = 0  # a caption of another token count: scored neither wrong nor right
+    exact = np.where(ids != ref, 0.0, 1.0).astype(np.float32)
+    real = np.asarray(tokenizer.is_word(ids))
+    aligned = ((ids > 0) == (ref > 0)).all(1, keepdims=True)
+    wrong, right = real & aligned & (ids != ref), real & aligned & (ids == ref)
+    for target in (0.62, 0.75, 0.9):
+        table = nam_oracle.degrade(exact, ids, ref, target, gap=0.15, p=P, seed=3)
+        r = 1.0 - table.astype(np.float64)
+        mean = np.where(real, r, 0).sum(1, keepdims=True) / real.sum(1, keepdims=True)
+        probs = np.where(real, np.clip(r - mean + P, 0, 1), 0)
+        pos, neg = probs[wrong], probs[right]
+        wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+        assert wins / (len(pos) * len(neg)) == pytest.approx(target, abs=2e-3)
+        z = np.random.default_rng(3).standard_normal(ids.shape)
+        inside = np.abs(table) < 0.999  # not clipped
+        sigma = (table - 0.15 * exact)[inside] / z[inside]
+        assert np.ptp(sigma) < 1e-4 and sigma.mean() > 0
+    for target in (0.5, 1.0):
+        with pytest.raises(errors.ConfigError, match=f"config.nam.oracle_auc = {target} is out of reach"):
+            nam_oracle.degrade(exact, ids, ref, target, gap=0.15, p=P, seed=3)
 
 
 def test_model_similarities_batches_as_one_call():
@@ -301,8 +333,9 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
     from data_builders.synthetic_pedestrians import CONFIGS, builder
     from reid_jax import errors
     from reid_jax.data import build, device, pipeline
+    from reid_jax import data
     from reid_jax.data.records import as_str
-    from reid_jax.train import tde_nam
+    from reid_jax.train import nam_oracle, tde_nam
     from tests.cli_config import tiny_config
 
     build.build("synthetic_pedestrians", data_dir, config="small_noisy")
@@ -343,6 +376,17 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
             nnx.merge(graphdef, s)))(state, batch)
         np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, after).nam_sims[...]),
                                       np.asarray(ts.nam_sims[...]))
-    c.nam.mode = "uniform"
+    c.nam.update({"oracle": "exact", "oracle_auc": 0.8})  # degraded: the same noise as nam_oracle.degrade's
+    table = np.asarray(tde_nam.Task(c, tmp_path).init_state().nam_sims[...], np.float32)
+    noisy = data.load_source("synthetic_pedestrians", "train", data_dir, "small_noisy", decode_image=False)
+    clean = data.load_source("synthetic_pedestrians", "train", data_dir, "small", decode_image=False)
+    _, ids, ref = nam_oracle.paired_captions(noisy, clean, length)
+    assert nam_oracle.masking_auc(ids, ref, table[:len(ids)], P) == pytest.approx(0.8, abs=1e-3)
+    np.testing.assert_allclose(table[:len(ids)], nam_oracle.degrade(nam_oracle.similarities(ids, ref, None, "exact"),
+                                                                    ids, ref, 0.8, 0.15, P, c.seed), atol=1e-3)
+    c.nam.update({"oracle": "", "oracle_auc": 0.8})
+    with pytest.raises(errors.ConfigError, match=r"config.nam.oracle_auc = 0.8 degrades .* set config.nam.oracle"):
+        tde_nam.Task(c, tmp_path)
+    c.nam.update({"oracle": "word", "oracle_auc": 0.0, "mode": "uniform"})
     with pytest.raises(errors.ConfigError, match=r"config.nam.oracle = 'word' .* needs config.nam.mode = 'nam'"):
         tde_nam.Task(c, tmp_path)

@@ -11,15 +11,22 @@ example differ exactly at the wrong words. From them, in the order of NAM's per-
 
 Training with `config.nam.oracle` fills NAM's table with one of them and never updates it: the ceiling of NAM in
 the ablation (docs/ablations.md). `nam_report --oracle` scores the 'word' table.
+
+`config.nam.oracle_auc` degrades the table to a chosen masking AUC (`degrade`): sim = gap * table + sigma * z with
+Gaussian z, sigma set so that NAM's masking probabilities rank the wrong tokens above the clean ones with that AUC.
+A trained model's table looks like that (its wrong words sit about 0.15 below its right ones, spread by about
+0.18 inside a caption), so this asks how good the model's table must be for NAM to pay.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from reid_jax import data, errors, tokenizer
 from reid_jax.data import pipeline
 from reid_jax.data.records import as_str
+from reid_jax.models import nam
 
 KINDS = ("exact", "word")
 
@@ -62,14 +69,65 @@ def similarities(ids: np.ndarray, ref: np.ndarray, words: np.ndarray | None, kin
     raise errors.ConfigError(f"config.nam.oracle must be '' or one of {KINDS}, got {kind!r}")
 
 
-def table(train_spec, clean_config: str, data_dir, length: int, kind: str) -> np.ndarray:
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random positive scores above a random negative), ties counted half (Mann-Whitney U over ranks)."""
+    scores = np.concatenate([pos, neg])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, ties sharing their mean rank
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def wrong_and_right(ids: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Word tokens of the noisy captions `ids` [N, L] that differ from the clean twin `ref` [N, L] (wrong) and that
+    equal it (right), both [N, L] bool; captions of another token count than their twin are in neither."""
+    real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
+    aligned = ((ids > 0) == (ref > 0)).all(1, keepdims=True)
+    return real & aligned & (ids != ref), real & aligned & (ids == ref)
+
+
+def masking_auc(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float) -> float:
+    """The AUC of NAM's masking probabilities from `sims` [N, L]: wrong tokens against every right one."""
+    probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims), p, "nam"))
+    wrong, right = wrong_and_right(ids, ref)
+    return auc(probs[wrong], probs[right])
+
+
+def degrade(sims: np.ndarray, ids: np.ndarray, ref: np.ndarray, target: float, gap: float, p: float,
+            seed: int) -> np.ndarray:
+    """A {0, 1} table `sims` [N, L] made as good as a model whose masking AUC is `target`: gap * sims + sigma * z,
+    z ~ N(0, 1) drawn once from `seed`, clipped to a cosine's [-1, 1]; sigma by bisection on `masking_auc`.
+    float32 [N, L]."""
+    if not 0.5 < target < masking_auc(ids, ref, gap * sims, p):
+        raise errors.ConfigError(f"config.nam.oracle_auc = {target} is out of reach: it must lie above 0.5 (chance) "
+                                 f"and below the undegraded table's masking AUC")
+    z = np.random.default_rng(seed).standard_normal(sims.shape).astype(np.float32)
+
+    def noisy(sigma):
+        return np.clip(gap * sims + sigma * z, -1.0, 1.0)
+
+    lo, hi = 0.0, gap
+    while masking_auc(ids, ref, noisy(hi), p) > target:  # grow until it brackets the target
+        lo, hi = hi, 2 * hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if masking_auc(ids, ref, noisy(mid), p) > target else (lo, mid)
+    return noisy((lo + hi) / 2)
+
+
+def table(train_spec, nam_config, data_dir, length: int, seed: int = 0) -> np.ndarray:
     """NAM's table for the training set `train_spec` (config.data.train: synthetic_pedestrians) from its clean
-    build `clean_config` under `data_dir`: float32 [N, L], rows in the order of the training examples."""
+    build `nam_config.oracle_config` under `data_dir`, of kind `nam_config.oracle`, degraded to
+    `nam_config.oracle_auc` with noise from `seed` when that is set: float32 [N, L], rows in the order of the
+    training examples."""
     if train_spec["name"] != "synthetic_pedestrians":
         raise errors.ConfigError(f"config.nam.oracle needs the synthetic set's clean captions; config.data.train is "
                                  f"{train_spec['name']!r}. Set config.nam.oracle = '' for any other dataset")
     noisy = data.load_source(train_spec["name"], train_spec["split"], data_dir, train_spec["config"],
                              decode_image=False)
-    clean = data.load_source(train_spec["name"], train_spec["split"], data_dir, clean_config, decode_image=False)
+    clean = data.load_source(train_spec["name"], train_spec["split"], data_dir, nam_config.oracle_config,
+                             decode_image=False)
     _, ids, ref, words = paired_captions(noisy, clean, length, image_words=True)
-    return similarities(ids, ref, words, kind)
+    sims = similarities(ids, ref, words, nam_config.oracle)
+    if not nam_config.get("oracle_auc"):
+        return sims
+    return degrade(sims, ids, ref, nam_config.oracle_auc, nam_config.oracle_gap, nam_config.p, seed)

@@ -59,16 +59,6 @@ _SLOT = flags.DEFINE_bool("by_slot", False, "with --recognition: per attribute s
 _IMAGES = flags.DEFINE_integer("max_images", 2400, "with --model: training images scored, evenly spaced (0 = all)")
 
 
-def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(a random positive scores above a random negative), ties counted half (Mann-Whitney)."""
-    scores = np.concatenate([pos, neg])
-    ranks = np.argsort(np.argsort(scores, kind="stable"), kind="stable").astype(np.float64) + 1
-    for value in np.unique(scores):  # average ranks of ties
-        tie = scores == value
-        ranks[tie] = ranks[tie].mean()
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 NOISY, CLEAN = "demo_noisy", "demo"  # the builder configs: training captions with and without the wrong words
 
 
@@ -142,7 +132,8 @@ def _by_kind(ids, wrong, right, sims, probs) -> dict:
         for kr, r in kinds.items():
             w_, r_ = wrong & w, right & r
             if w_.any() and r_.any():
-                out[f"wrong_{kw}/right_{kr}"] = {"auc": _auc(probs[w_], probs[r_]), "sim_wrong": float(sims[w_].mean()),
+                out[f"wrong_{kw}/right_{kr}"] = {"auc": nam_oracle.auc(probs[w_], probs[r_]),
+                                                 "sim_wrong": float(sims[w_].mean()),
                                                  "sim_right": float(sims[r_].mean()),
                                                  "tokens": [int(w_.sum()), int(r_.sum())]}
     return out
@@ -153,18 +144,16 @@ def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float, by_kin
     against every clean token of the same captions (function words included), 'auc_attribute_words' against the
     clean attribute words only (is a wrong colour masked more than a right one?); `by_kind`: per kind of word."""
     probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims), p, "nam"))
-    real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
-    aligned = (ids > 0) == (ref > 0)  # same token count: the word-for-word comparison is valid
-    usable = aligned.all(1) & (sims > -1.5).all(1)
-    wrong = real & (ids != ref) & usable[:, None]
-    right = real & (ids == ref) & usable[:, None]
+    seen = (sims > -1.5).all(1, keepdims=True)  # rows NAM has filled (not nam.UNSEEN)
+    wrong, right = (m & seen for m in nam_oracle.wrong_and_right(ids, ref))
+    usable = ((ids > 0) == (ref > 0)).all(1) & seen[:, 0]  # same token count: a word-for-word comparison
     right_attribute = right & np.isin(ids, attribute_token_ids())
     return {"captions": int(usable.sum()), "corrupted_tokens": int(wrong.sum()), "clean_tokens": int(right.sum()),
             "clean_attribute_tokens": int(right_attribute.sum()),
             "mask_prob_corrupted": float(probs[wrong].mean()), "mask_prob_clean": float(probs[right].mean()),
             "mask_prob_clean_attribute": float(probs[right_attribute].mean()),
-            "auc": _auc(probs[wrong], probs[right]),
-            "auc_attribute_words": _auc(probs[wrong], probs[right_attribute])} | (
+            "auc": nam_oracle.auc(probs[wrong], probs[right]),
+            "auc_attribute_words": nam_oracle.auc(probs[wrong], probs[right_attribute])} | (
                 {"by_kind": _by_kind(ids, wrong, right, sims, probs)} if by_kind else {})
 
 
@@ -241,7 +230,8 @@ def recognition(model, config, clean_dir: Path, max_images: int, shifts: int = 4
     for kind, k in (_slots if by_slot else _kinds)(tokens).items():
         yes, no = sims[k & shown], sims[k & ~shown]
         if len(yes) and len(no):
-            out[kind] = {"auc": _auc(yes, no), "sim_shown": float(yes.mean()), "sim_not_shown": float(no.mean()),
+            out[kind] = {"auc": nam_oracle.auc(yes, no), "sim_shown": float(yes.mean()),
+                         "sim_not_shown": float(no.mean()),
                          "tokens": [int(len(yes)), int(len(no))]}
     return {"layer": config.nam.layer, "images": len(words_of), "recognition": out}
 

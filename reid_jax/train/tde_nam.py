@@ -40,6 +40,9 @@ class Task:
         if config.nam.get("oracle") and config.nam.mode != "nam":
             raise errors.ConfigError(f"config.nam.oracle = {config.nam.oracle!r} is NAM's table from the truth; it "
                                      f"needs config.nam.mode = 'nam', got {config.nam.mode!r}")
+        if config.nam.get("oracle_auc") and not config.nam.get("oracle"):
+            raise errors.ConfigError(f"config.nam.oracle_auc = {config.nam.oracle_auc} degrades NAM's table from the "
+                                     f"truth: set config.nam.oracle to 'exact' or 'word' too, or oracle_auc = 0")
         self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
@@ -54,8 +57,8 @@ class Task:
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
             buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), nam.UNSEEN, jnp.float16)
             if self.config.nam.get("oracle"):  # the ablation's ceiling: the table known from the start, kept
-                oracle = nam_oracle.table(self.config.data.train, self.config.nam.oracle_config, self.data_dir,
-                                          self.config.data.context_length, self.config.nam.oracle)
+                oracle = nam_oracle.table(self.config.data.train, self.config.nam, self.data_dir,
+                                          self.config.data.context_length, self.config.seed)
                 if len(oracle) != self.num_examples:
                     raise errors.ConfigError(f"config.nam.oracle: {len(oracle)} examples in the clean captions' "
                                              f"table, {self.num_examples} in training; keep config.data.train whole")
