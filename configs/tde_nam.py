@@ -17,6 +17,7 @@ Variants:
   pretrained_{nam,uniform,none}  the masking ablation from the stage-A model (--config.init_checkpoint=RUN)
   pretrained_{oracle,word_oracle}  NAM's ceiling in that ablation: its table from the captions' truth, not the model
   pretrained_oracle_auc{75,70}  the exact table degraded with noise to a masking AUC of 0.75 / 0.70
+  pretrained_oracle[_auc75,_auc70]_as_nam  the same tables reaching NAM when a model's would (second epoch)
 
 Every number is a field; override on the command line (`--config.data.batch_size=64`). The method, its defaults
 and where the authors' code differs from the paper: docs/tde_nam.md.
@@ -54,8 +55,9 @@ def base() -> ml_collections.ConfigDict:
         # ablation ceiling, synthetic_pedestrians only: NAM's table from the truth instead of the model ('exact' |
         # 'word', reid_jax/train/nam_oracle.py), from the clean captions of the same images (TFDS config oracle_config);
         # oracle_auc > 0 degrades it with noise to that masking AUC, its wrong words oracle_gap below the right ones
-        # before the noise (the stage-A model's table: 0.52 against 0.67)
-        "oracle": "", "oracle_config": "demo", "oracle_auc": 0.0, "oracle_gap": 0.15})
+        # before the noise (the stage-A model's table: 0.52 against 0.67); oracle_timing 'start' = the table from
+        # the first step, 'as_nam' = written row by row as NAM writes the model's (the first epoch masks uniformly)
+        "oracle": "", "oracle_config": "demo", "oracle_auc": 0.0, "oracle_gap": 0.15, "oracle_timing": "start"})
     c.loss = ml_collections.ConfigDict({
         "logit_scale": 50.0,  # SDM temperature 0.02, fixed
         "sdm_weight": 1.0,  # the paper's only pretraining loss; 0 for CLIP's contrastive training alone (ITC)
@@ -212,13 +214,14 @@ def pretrained(mode: str) -> ml_collections.ConfigDict:
     return c
 
 
-def pretrained_oracle(kind: str, auc: float = 0.0) -> ml_collections.ConfigDict:
+def pretrained_oracle(kind: str, auc: float = 0.0, timing: str = "start") -> ml_collections.ConfigDict:
     """`pretrained_nam` with NAM's similarity table known from the start instead of measured by the model:
     'exact' = 0 for exactly the wrong words (a perfect model), 'word' = 0 for words no clean caption of the image
     holds (a perfect word-level model without context). What NAM could gain at best. With `auc`, the exact table
-    degraded to that masking AUC: what NAM gains from a model as good as that. docs/ablations.md."""
+    degraded to that masking AUC: what NAM gains from a model as good as that. `timing` 'as_nam': the table reaches
+    NAM when a model's would, from the second epoch. docs/ablations.md."""
     c = pretrained("nam")
-    c.nam.update({"oracle": kind, "oracle_auc": auc})
+    c.nam.update({"oracle": kind, "oracle_auc": auc, "oracle_timing": timing})
     return c
 
 
@@ -234,8 +237,11 @@ VARIANTS = {"pretrain": base, "finetune": lambda: finetune("cuhk"),
             **{f"pretrained_{m}": lambda m=m: pretrained(m) for m in NAM_MODES},
             "pretrained_oracle": lambda: pretrained_oracle("exact"),
             "pretrained_word_oracle": lambda: pretrained_oracle("word"),
-            "pretrained_oracle_auc75": lambda: pretrained_oracle("exact", 0.75),  # the stage-A target of the issue
-            "pretrained_oracle_auc70": lambda: pretrained_oracle("exact", 0.70)}  # about the stage-A model's table
+            "pretrained_oracle_auc75": lambda: pretrained_oracle("exact", 0.75),  # stage A's masking-AUC target
+            "pretrained_oracle_auc70": lambda: pretrained_oracle("exact", 0.70),  # about the stage-A model's table
+            **{f"{name}_as_nam": lambda auc=auc: pretrained_oracle("exact", auc, "as_nam")
+               for name, auc in (("pretrained_oracle", 0.0), ("pretrained_oracle_auc75", 0.75),
+                                 ("pretrained_oracle_auc70", 0.70))}}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

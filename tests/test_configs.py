@@ -51,19 +51,23 @@ def test_pretrained_variants_change_only_the_start(name):
 
 
 def test_oracle_variants_change_only_the_table():
-    """pretrained_oracle / pretrained_word_oracle / pretrained_oracle_auc{75,70}: pretrained_nam with NAM's table
-    from the truth (degraded to a masking AUC), nothing else; the clean captions are those of the training images
-    (demo for demo_noisy)."""
+    """pretrained_oracle / pretrained_word_oracle / pretrained_oracle_auc{75,70} (and the exact ones `_as_nam`):
+    pretrained_nam with NAM's table from the truth (degraded to a masking AUC; reaching NAM when a model's would),
+    nothing else; the clean captions are those of the training images (demo for demo_noisy)."""
     module = configs.load("tde_nam")
     nam_run = _flat(module.get_config("pretrained_nam").to_dict())
     assert nam_run["nam.oracle"] == "" and nam_run["data.train.config"] == "demo_noisy"
-    assert nam_run["nam.oracle_auc"] == 0.0 and nam_run["nam.oracle_gap"] == 0.15
+    assert (nam_run["nam.oracle_auc"], nam_run["nam.oracle_gap"], nam_run["nam.oracle_timing"]) == (0.0, 0.15, "start")
     for variant, kind, auc in (("pretrained_oracle", "exact", 0.0), ("pretrained_word_oracle", "word", 0.0),
                                ("pretrained_oracle_auc75", "exact", 0.75), ("pretrained_oracle_auc70", "exact", 0.7)):
-        oracle = _flat(module.get_config(variant).to_dict())
-        differ = {k for k in nam_run if nam_run[k] != oracle[k]}
-        assert differ == {"nam.oracle"} | ({"nam.oracle_auc"} if auc else set()), variant
-        assert (oracle["nam.oracle"], oracle["nam.oracle_auc"], oracle["nam.oracle_config"]) == (kind, auc, "demo")
+        for timing in ("start", "as_nam") if kind == "exact" else ("start",):
+            oracle = _flat(module.get_config(variant + ("_as_nam" if timing == "as_nam" else "")).to_dict())
+            differ = {k for k in nam_run if nam_run[k] != oracle[k]}
+            want = {"nam.oracle"} | ({"nam.oracle_auc"} if auc else set()) | (
+                {"nam.oracle_timing"} if timing == "as_nam" else set())
+            assert differ == want, (variant, timing)
+            assert (oracle["nam.oracle"], oracle["nam.oracle_auc"], oracle["nam.oracle_timing"],
+                    oracle["nam.oracle_config"]) == (kind, auc, timing, "demo")
 
 
 def test_stage_a_config():

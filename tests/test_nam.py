@@ -329,7 +329,9 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
     """config.nam.oracle: NAM's table starts as the truth of small_noisy against small and no step changes it.
     'exact' is 0 at exactly the tokens where a caption's tokens differ from its clean twin (the reference: both
     builders' plans, matched by file name and tokenised here); 'word' is 0 at the tokens no clean caption of the
-    image holds. In each caption NAM then masks every wrong word more likely than any right one."""
+    image holds. In each caption NAM then masks every wrong word more likely than any right one. With
+    oracle_timing 'as_nam' the table starts unseen and a step writes the exact rows of its examples after masking
+    them uniformly; oracle_auc degrades it (nam_oracle.degrade) and needs an oracle kind."""
     from data_builders.synthetic_pedestrians import CONFIGS, builder
     from reid_jax import errors
     from reid_jax.data import build, device, pipeline
@@ -349,6 +351,8 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
         c.nam.oracle = kind
         task = tde_nam.Task(c, tmp_path)
         ts = task.init_state()
+        if kind == "exact":
+            exact_table = np.asarray(ts.nam_sims[...], np.float32)
         batch = device.prepare_images(next(iter(task.train_stream(pipeline.Shard()))), c.data.aug, jax.random.key(0))
         table = np.asarray(ts.nam_sims[...], np.float32)[np.asarray(batch["index"])]
         wrong_seen = 0
@@ -376,7 +380,23 @@ def test_oracle_table_marks_the_wrong_words_and_stays(data_dir, tmp_path):
             nnx.merge(graphdef, s)))(state, batch)
         np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, after).nam_sims[...]),
                                       np.asarray(ts.nam_sims[...]))
-    c.nam.update({"oracle": "exact", "oracle_auc": 0.8})  # degraded: the same noise as nam_oracle.degrade's
+    c.nam.update({"oracle": "exact", "oracle_timing": "as_nam"})  # NAM's table filled row by row as the steps go
+    task = tde_nam.Task(c, tmp_path)
+    ts = task.init_state()
+    assert (np.asarray(ts.nam_sims[...]) == nam.UNSEEN).all()
+    graphdef, state = nnx.split(ts)
+    step = jax.jit(lambda s, b: (lambda t: (task.train_step(t, b, jax.random.key(1)), nnx.state(t)))(
+        nnx.merge(graphdef, s)))
+    metrics, after = step(state, batch)  # the first sight of these examples: uniform masking, then their rows
+    after = np.asarray(nnx.merge(graphdef, after).nam_sims[...], np.float32)
+    seen = np.zeros(len(after), bool)
+    seen[np.asarray(batch["index"])] = True
+    np.testing.assert_array_equal(after[seen], np.asarray(ts.nam_oracle[...], np.float32)[seen])
+    np.testing.assert_array_equal(after[seen], exact_table[seen])
+    assert (after[~seen] == nam.UNSEEN).all()
+    real = np.asarray(tokenizer.is_word(np.asarray(batch["text"]))).sum()
+    assert abs(float(metrics["mask_rate"]) - P) < 4 * np.sqrt(P * (1 - P) / real)  # uniform's rate, not the table's
+    c.nam.update({"oracle_timing": "start", "oracle_auc": 0.8})  # degraded: the same noise as nam_oracle.degrade's
     table = np.asarray(tde_nam.Task(c, tmp_path).init_state().nam_sims[...], np.float32)
     noisy = data.load_source("synthetic_pedestrians", "train", data_dir, "small_noisy", decode_image=False)
     clean = data.load_source("synthetic_pedestrians", "train", data_dir, "small", decode_image=False)

@@ -43,6 +43,9 @@ class Task:
         if config.nam.get("oracle_auc") and not config.nam.get("oracle"):
             raise errors.ConfigError(f"config.nam.oracle_auc = {config.nam.oracle_auc} degrades NAM's table from the "
                                      f"truth: set config.nam.oracle to 'exact' or 'word' too, or oracle_auc = 0")
+        if config.nam.get("oracle") and config.nam.oracle_timing not in ("start", "as_nam"):
+            raise errors.ConfigError(f"config.nam.oracle_timing must be 'start' (the table from the first step) or "
+                                     f"'as_nam' (written as NAM writes the model's), got {config.nam.oracle_timing!r}")
         self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
@@ -62,7 +65,10 @@ class Task:
                 if len(oracle) != self.num_examples:
                     raise errors.ConfigError(f"config.nam.oracle: {len(oracle)} examples in the clean captions' "
                                              f"table, {self.num_examples} in training; keep config.data.train whole")
-                buffers["nam_sims"] = buffers["nam_sims"].at[:len(oracle)].set(oracle.astype(np.float16))
+                table = buffers["nam_sims"].at[:len(oracle)].set(oracle.astype(np.float16))
+                # 'start': NAM's table holds it from the first step; 'as_nam': each step writes the rows of its
+                # examples into NAM's table as NAM writes the model's, so the first epoch masks uniformly
+                buffers["nam_oracle" if self.config.nam.oracle_timing == "as_nam" else "nam_sims"] = table
         heads = None
         if self.config.loss.id_weight or self.config.loss.mlm_weight:
             heads = irra.IRRAHeads(model.config, len(np.unique(self.index.pids)), self.config.loss.mlm_depth,
@@ -90,6 +96,7 @@ class Task:
         masked, labels = nam.mask_tokens(ids, probs, k_nam, mask_prob=cfg.nam.mask_prob,
                                          random_prob=cfg.nam.random_prob, ensure_one=cfg.nam.mode != "none")
         want_sims = cfg.nam.mode == "nam" and not cfg.nam.get("oracle")
+        oracle_as_nam = bool(cfg.nam.get("oracle")) and cfg.nam.oracle_timing == "as_nam"
         token_losses = bool(cfg.loss.filip_weight or cfg.loss.word_weight)  # stage A's word-region terms
         filip_layer = cfg.loss.filip_layer if token_losses else 0
         use_mlm = bool(cfg.loss.mlm_weight)
@@ -149,6 +156,8 @@ class Task:
         loss, (parts, sims) = ts.minimize(loss_fn)
         if want_sims:
             ts.nam_sims[...] = ts.nam_sims[...].at[index].set(sims.astype(jnp.float16))
+        elif oracle_as_nam:  # the truth's rows instead of the model's, at the same moment
+            ts.nam_sims[...] = ts.nam_sims[...].at[index].set(ts.nam_oracle[...][index])
         real = nam.real_tokens(ids)
         metrics = {"loss": loss, "mask_rate": jnp.sum(labels > 0) / jnp.maximum(real.sum(), 1)}
         return metrics | ({f"loss_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
