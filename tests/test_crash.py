@@ -199,3 +199,25 @@ def test_resuming_with_other_settings_is_refused(run, interrupted):
     line = _one_error_line(done)
     assert "was written by a run with another model or method" in line and "visual.proj" in line
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before  # nothing moved or deleted
+
+
+def test_a_stop_signal_is_not_swallowed_by_a_librarys_except_exception():
+    """A SIGTERM that lands outside a training step raises `Preempted` where the program is, possibly inside a
+    library call wrapped in `except Exception` (an import's fallback, a retry loop). It must still reach the
+    command, as KeyboardInterrupt would: a stop that is swallowed lets the run go on (or fail with another error)
+    until the scheduler's SIGKILL."""
+    from reid_jax.train import preemption
+
+    def library_call():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs here and raises
+            return "went on"
+        except Exception:  # noqa: BLE001 - what a library may do
+            return "swallowed"
+
+    with pytest.raises(preemption.Preempted) as stopped:
+        with preemption.StopSignals():
+            library_call()
+    assert stopped.value.status == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handlers were put back

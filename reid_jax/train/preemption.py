@@ -19,8 +19,11 @@ import threading
 import jax
 
 
-class Preempted(Exception):
-    """The run was stopped by a signal; `status` is the conventional exit status 128 + signal number."""
+class Preempted(BaseException):
+    """The run was stopped by a signal; `status` is the conventional exit status 128 + signal number.
+
+    A BaseException, as KeyboardInterrupt: it is raised wherever the signal lands (outside a step), and a library's
+    `except Exception` there (an import's fallback, a retry loop) would otherwise swallow the stop and go on."""
 
     def __init__(self, signum: int, message: str = "", mid_step: bool = False):
         self.signum = signum
