@@ -57,13 +57,18 @@ def paired_captions(noisy, clean, length: int, records: np.ndarray | None = None
     return records, ids, ref, np.stack([words[int(r)] for r in records])
 
 
+def aligned(ids: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Captions `ids` [N, L] with as many tokens as their clean twins `ref` [N, L], which alone can be compared
+    word for word (a replacement of another token count shifts the rest): [N, 1] bool."""
+    return ((ids > 0) == (ref > 0)).all(1, keepdims=True)
+
+
 def similarities(ids: np.ndarray, ref: np.ndarray, words: np.ndarray | None, kind: str) -> np.ndarray:
     """The oracle's similarity of each token of `ids` [N, L] (clean captions `ref` [N, L], clean image words
     [N, W]): float32 [N, L] in {0, 1}. Captions whose token count differs from the clean one (a replacement of
     another length) cannot be compared word for word: 'exact' gives them 1 everywhere (NAM's mean rate)."""
     if kind == "exact":
-        aligned = ((ids > 0) == (ref > 0)).all(1, keepdims=True)
-        return np.where(aligned & (ids != ref), 0.0, 1.0).astype(np.float32)
+        return np.where(aligned(ids, ref) & (ids != ref), 0.0, 1.0).astype(np.float32)
     if kind == "word":
         return (ids[:, :, None] == words[:, None, :]).any(-1).astype(np.float32)
     raise errors.ConfigError(f"config.nam.oracle must be '' or one of {KINDS}, got {kind!r}")
@@ -81,8 +86,8 @@ def wrong_and_right(ids: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.nd
     """Word tokens of the noisy captions `ids` [N, L] that differ from the clean twin `ref` [N, L] (wrong) and that
     equal it (right), both [N, L] bool; captions of another token count than their twin are in neither."""
     real = np.asarray(nam.real_tokens(jnp.asarray(ids)))
-    aligned = ((ids > 0) == (ref > 0)).all(1, keepdims=True)
-    return real & aligned & (ids != ref), real & aligned & (ids == ref)
+    comparable = real & aligned(ids, ref)
+    return comparable & (ids != ref), comparable & (ids == ref)
 
 
 def masking_auc(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float) -> float:

@@ -146,7 +146,7 @@ def _scores(ids: np.ndarray, ref: np.ndarray, sims: np.ndarray, p: float, by_kin
     probs = np.asarray(nam.masking_probs(jnp.asarray(ids), jnp.asarray(sims), p, "nam"))
     seen = (sims > -1.5).all(1, keepdims=True)  # rows NAM has filled (not nam.UNSEEN)
     wrong, right = (m & seen for m in nam_oracle.wrong_and_right(ids, ref))
-    usable = ((ids > 0) == (ref > 0)).all(1) & seen[:, 0]  # same token count: a word-for-word comparison
+    usable = (nam_oracle.aligned(ids, ref) & seen)[:, 0]
     right_attribute = right & np.isin(ids, attribute_token_ids())
     return {"captions": int(usable.sum()), "corrupted_tokens": int(wrong.sum()), "clean_tokens": int(right.sum()),
             "clean_attribute_tokens": int(right_attribute.sum()),

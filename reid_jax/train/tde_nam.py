@@ -59,7 +59,7 @@ class Task:
         if self.config.nam.mode == "nam":  # rows padded so the table shards evenly over every device
             rows = -(-self.num_examples // jax.device_count()) * jax.device_count()
             buffers["nam_sims"] = jnp.full((rows, self.config.data.context_length), nam.UNSEEN, jnp.float16)
-            if self.config.nam.get("oracle"):  # the ablation's ceiling: the table known from the start, kept
+            if self.config.nam.get("oracle"):  # the ablation's ceiling: the table from the truth, never the model
                 oracle = nam_oracle.table(self.config.data.train, self.config.nam, self.data_dir,
                                           self.config.data.context_length, self.config.seed)
                 if len(oracle) != self.num_examples:
