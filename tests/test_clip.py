@@ -12,6 +12,7 @@ from flax import nnx
 
 from reid_jax import weights
 from reid_jax.models import clip as clip_lib
+from reid_jax.models import cpu_attention
 from tests import torch_refs
 from tests.numerics import assert_close
 
@@ -268,25 +269,34 @@ def test_padded_masked_attention_equals_unpadded(scan):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_heads_first_attention_equals_jax_attention(dtype):
-    """The CPU attention against jax.nn.dot_product_attention (XLA): plain, with a bias, causal, with masked pad keys;
-    values and the gradients of q, k, v."""
+def test_cpu_attention_equals_jax_attention(dtype):
+    """The CPU attention (a hand-written backward) against autodiff of jax.nn.dot_product_attention (XLA): plain,
+    with a bias, causal, with masked pad keys; values and the gradients of q, k, v and of the bias."""
     rng = np.random.default_rng(12)
     q, k, v, c = (jnp.asarray(rng.normal(size=(2, 9, 3, 8)), dtype) for _ in range(4))
-    bias = jnp.asarray(rng.normal(size=(2, 1, 9, 9)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(2, 1, 9, 9)), jnp.float32)  # per image, shared by the heads (MUVA's)
     tol = SAME_MATH if dtype == "float32" else BF16_REL_ERR
-    for kw in ({}, {"bias": bias}, {"is_causal": True}, {"keys": 6}):
-        def loss(fn):
-            return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * c)
+    for kw in ({}, {"bias": bias}, {"bias": bias[0, 0]}, {"is_causal": True}, {"keys": 6}):
+        b = kw.get("bias", jnp.zeros((), jnp.float32))
 
-        ours = lambda q, k, v: clip_lib.heads_first_attention(q, k, v, **kw)
-        ref_kw = {"bias": bias.astype(dtype)} if "bias" in kw else {"is_causal": kw.get("is_causal", False)}
-        if "keys" in kw:
-            ref_kw = {"key_value_seq_lengths": jnp.full((2,), 6, jnp.int32)}
-        ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla", **ref_kw)
-        assert_close(ours(q, k, v), ref(q, k, v), tol, f"attention {kw.keys()}")
-        for name, a, b in zip("qkv", jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
-            assert_close(a, b, tol, f"d{name} {kw.keys()}")
+        def loss(fn):
+            return lambda q, k, v, b: jnp.sum(fn(q, k, v, b).astype(jnp.float32) * c)
+
+        ours = lambda q, k, v, b: cpu_attention.attention(q, k, v, **(kw | ({"bias": b} if "bias" in kw else {})))
+
+        def ref(q, k, v, b):
+            if "keys" in kw:
+                return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.full((2,), 6, jnp.int32),
+                                                    implementation="xla")
+            bias4 = jnp.broadcast_to(b, (1,) * (4 - b.ndim) + b.shape).astype(dtype) if "bias" in kw else None
+            return jax.nn.dot_product_attention(q, k, v, bias=bias4, is_causal=kw.get("is_causal", False),
+                                                implementation="xla")
+
+        assert_close(ours(q, k, v, b), ref(q, k, v, b), tol, f"attention {kw.keys()}")
+        grads = zip("qkvb", jax.grad(loss(ours), (0, 1, 2, 3))(q, k, v, b), jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, b))
+        for name, a, r in grads:
+            assert a.shape == r.shape, f"d{name} {kw.keys()}: shape {a.shape} vs {r.shape}"
+            assert_close(a, r, tol, f"d{name} {kw.keys()} bias shape {b.shape}")
 
 
 def test_attention_implementation_choice():
