@@ -293,8 +293,8 @@ def test_cpu_attention_equals_jax_attention(dtype):
                                                 implementation="xla")
 
         assert_close(ours(q, k, v, b), ref(q, k, v, b), tol, f"attention {kw.keys()}")
-        grads = zip("qkvb", jax.grad(loss(ours), (0, 1, 2, 3))(q, k, v, b), jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, b))
-        for name, a, r in grads:
+        ours_grads, ref_grads = (jax.grad(loss(fn), (0, 1, 2, 3))(q, k, v, b) for fn in (ours, ref))
+        for name, a, r in zip("qkvb", ours_grads, ref_grads):
             assert a.shape == r.shape, f"d{name} {kw.keys()}: shape {a.shape} vs {r.shape}"
             assert_close(a, r, tol, f"d{name} {kw.keys()} bias shape {b.shape}")
 
