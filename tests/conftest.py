@@ -17,6 +17,13 @@ if "REID_JAX_TEST_CACHE" not in os.environ:  # the first pytest process of the r
     os.environ["REID_JAX_TEST_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     atexit.register(shutil.rmtree, os.environ["REID_JAX_TEST_CACHE"], ignore_errors=True)
+    # XLA:CPU spends ~85 ms compiling even a one-op program (each eager op of a new shape is one), and the tests
+    # compile thousands of programs for models too small for the generated code's speed to matter. XLA's older
+    # loop emitters compile a small program in ~50 ms. (LLVM at -O0 would halve that again, but two compilations
+    # of the same features then differed in the last bits, enough to reorder a near tie in a ranking and fail
+    # the check that logged metrics are the final model's.) Set here, the flag reaches the xdist workers and
+    # every subprocess a test starts; users' runs keep XLA's defaults.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
 
 
 @pytest.fixture(scope="session")
