@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules, and one compilation cache for the whole run.
+"""Fixtures shared by the test modules, one compilation cache for the whole run, and the XLA flag it compiles with.
 
 Many tests compile the same small steps (the tiny TDE / SCGI / MUVA models), in this process and in the training
 runs they start as subprocesses. JAX's persistent cache keys a compiled executable by its program and options, so
