@@ -69,37 +69,44 @@ def bench_encode(args) -> None:
 
 
 def bench_data(args) -> None:
-    """Training input pipeline throughput (decode + augment + tokenise), images/s, per worker count."""
+    """Training input pipeline throughput (decode + augment + tokenise): images/s per worker count, and the CPU
+    time per image of the process and its workers (the cost per core, whatever the threads overlap)."""
     import ml_collections
+    import psutil
 
     from reid_jax import data
     from reid_jax.data import index as index_lib
     from reid_jax.data import pipeline, transforms
+    from reid_jax.train.bench import _cpu_seconds
 
     if args.build:
         from reid_jax.data import build
 
         build.build(args.dataset, args.data_dir, config=args.config)
-    source = data.load_source(args.dataset, args.split, args.data_dir, args.config)
+    # encoded: the stored bytes, decoded by the pipeline, as the training tasks read them
+    source = data.load_source(args.dataset, args.split, args.data_dir, args.config, decode_image=not args.encoded)
     index = index_lib.split_index(args.dataset, args.split, args.data_dir, args.config)
     aug = transforms.default_config()
     aug.image_size = args.image_size
     aug.on_device = args.on_device
+    process = psutil.Process()
     for workers in args.workers:
         cfg = ml_collections.ConfigDict({"batch_size": args.batch, "caption_mode": "random", "context_length": 77,
                                          "num_epochs": None, "num_workers": workers, "aug": aug})
         it = iter(pipeline.pairs_train(source, index, cfg, seed=0))
         for _ in range(args.warmup):  # start-up (worker processes, read-ahead) is not timed
             next(it)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds(process)
         for _ in range(args.batches):
             next(it)
-        seconds = time.perf_counter() - t0
-        rate = args.batch * args.batches / seconds
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds(process) - cpu0
+        pipeline.close_stream(it)
+        images = args.batch * args.batches
         print(json.dumps({"bench": "data", "dataset": args.dataset, "image_size": list(args.image_size),
-                          "on_device": args.on_device,
-                          "batch": args.batch, "workers": workers, "images_per_s": round(rate, 1),
-                          "images_per_s_per_worker": round(rate / max(workers, 1), 1)}), flush=True)
+                          "on_device": args.on_device, "encoded": args.encoded,
+                          "batch": args.batch, "workers": workers, "images_per_s": round(images / seconds, 1),
+                          "images_per_s_per_worker": round(images / seconds / max(workers, 1), 1),
+                          "cpu_ms_per_image": round(1000 * cpu / images, 3)}), flush=True)
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks, for MFU
@@ -491,6 +498,9 @@ def main(argv=None) -> None:
     dat.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     dat.add_argument("--on-device", action=argparse.BooleanOptionalAction, default=True,
                      help="uint8 images, normalised and erased on the device (config.data.aug.on_device)")
+    dat.add_argument("--encoded", action=argparse.BooleanOptionalAction, default=True,
+                     help="read the stored image bytes and decode them in the pipeline, as training does "
+                          "(--no-encoded: TFDS's decoded arrays)")
     dat.set_defaults(fn=bench_data)
     from reid_jax.search import bench as search_bench
     from reid_jax.train import bench as train_bench

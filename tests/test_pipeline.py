@@ -358,6 +358,45 @@ def test_pipelines_on_a_built_tfds_dataset(synthetic_dir):
     assert total == test_index.num_captions.sum()
 
 
+def test_encoded_images_give_the_batches_of_decoded_ones(synthetic_dir):
+    """The training tasks read sources with decode_image=False and PIL decodes the stored bytes itself: the same
+    pixels, boxes, rectangles and captions as from TFDS's decoded arrays, on every stream and on both paths."""
+    from reid_jax import data
+    from reid_jax.data import index as index_lib
+
+    args = ("synthetic_pedestrians", "train", synthetic_dir, "small")
+    decoded, encoded = (data.load_source(*args, decode_image=d) for d in (True, False))
+    index = index_lib.split_index(*args)
+    for on_device in (True, False):
+        cfg = _cfg()
+        cfg.aug.on_device = on_device
+        for stream in (pipeline.pairs_train, pipeline.pk_train):
+            want, got = (_take(stream(s, index, cfg, seed=3), 2) for s in (decoded, encoded))
+            for w, g in zip(want, got):
+                assert w.keys() == g.keys()
+                for key in w:
+                    np.testing.assert_array_equal(g[key], w[key], err_msg=f"{stream.__name__} {key}")
+        want, got = (next(iter(pipeline.eval_images(s, cfg, batch_size=8))) for s in (decoded, encoded))
+        np.testing.assert_array_equal(got["image"], want["image"])
+
+
+def test_encoded_non_rgb_images_get_the_rebuild_hint():
+    import io
+
+    from PIL import Image
+
+    from reid_jax.errors import UserError
+
+    cfg = transforms.default_config()
+    cfg.image_size = (16, 8)
+    for mode in ("RGBA", "L", "CMYK"):
+        buf = io.BytesIO()
+        Image.new(mode, (8, 16)).save(buf, format="TIFF" if mode == "CMYK" else "PNG")
+        with pytest.raises(UserError, match=f"image of mode {mode}.*rebuild it with .*--force"):
+            transforms.train_transform_uint8(buf.getvalue(), np.full((3, 4), -1, np.float32), cfg,
+                                             np.random.default_rng(0))
+
+
 def test_load_source_says_how_to_build(tmp_path):
     from reid_jax import data
 

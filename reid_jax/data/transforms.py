@@ -22,6 +22,7 @@ how many worker processes run it.
 
 from __future__ import annotations
 
+import io
 import math
 
 import ml_collections
@@ -42,22 +43,47 @@ def check_rgb(image: np.ndarray) -> np.ndarray:
     RGB conversion stored CMYK/RGBA/grayscale images as they were, and normalize would fail on the shape)."""
     if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
         return image
-    raise UserError(f"an image of shape {list(image.shape)} ({image.dtype}) reached the input pipeline, expected "
-                    f"uint8 [H, W, 3]: the dataset was built by an older reid-jax that kept CMYK/RGBA/grayscale "
-                    f"images as they were; rebuild it with `python -m reid_jax.data.build NAME ... --force`")
+    raise _not_rgb(f"an image of shape {list(image.shape)} ({image.dtype})")
+
+
+def _not_rgb(what: str) -> UserError:
+    return UserError(f"{what} reached the input pipeline, expected uint8 [H, W, 3]: the dataset was built by an "
+                     f"older reid-jax that kept CMYK/RGBA/grayscale images as they were; rebuild it with "
+                     f"`python -m reid_jax.data.build NAME ... --force`")
+
+
+def is_encoded(image) -> bool:
+    """Whether a record's image is the stored file's bytes (a source opened with `decode_image=False`)."""
+    return isinstance(image, bytes)
+
+
+def as_pil(image) -> Image.Image:
+    """A record's image as an RGB PIL image: decoded uint8 [h, w, 3], or the stored PNG / JPEG bytes, which PIL
+    decodes itself. The training streams read encoded bytes: one decode straight into PIL, without the TFDS
+    decoder's numpy array and the copy back into PIL that resizing it would take."""
+    if not is_encoded(image):
+        return Image.fromarray(check_rgb(image))
+    decoded = Image.open(io.BytesIO(image))
+    if decoded.mode != "RGB":
+        raise _not_rgb(f"a {decoded.format} image of mode {decoded.mode}")
+    return decoded
 
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # PIL's, as torchvision's Resize on PIL
 
 
-def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [H, W, 3], as torchvision's Resize(size, interpolation) on PIL images."""
-    if image.shape[:2] == tuple(size):
-        return image
+def resize(image, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
+    """uint8 [h, w, 3] or encoded bytes (`as_pil`) -> uint8 [H, W, 3], as torchvision's Resize(size,
+    interpolation) on PIL images."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"config.data.aug interpolation must be one of {sorted(INTERPOLATIONS)}, "
                          f"got {interpolation!r}")
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), INTERPOLATIONS[interpolation]))
+    if not is_encoded(image) and check_rgb(image).shape[:2] == tuple(size):
+        return image
+    pil = as_pil(image)
+    if pil.size != (size[1], size[0]):
+        pil = pil.resize((size[1], size[0]), INTERPOLATIONS[interpolation])
+    return np.asarray(pil)
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +184,7 @@ def erase_value(cfg: ml_collections.ConfigDict, shape: tuple[int, ...], rng: np.
 def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [h, w, 3], boxes [R, 4] -> float32 [H, W, 3] normalised, boxes [R, 4]; `cfg` is config.data.aug."""
-    image = resize(check_rgb(image), tuple(cfg.image_size), cfg.train_interpolation)
+    image = resize(image, tuple(cfg.image_size), cfg.train_interpolation)
     if rng.random() < cfg.flip_prob:
         image, boxes = hflip(image, boxes)
     image, boxes = pad_crop(image, boxes, cfg.pad, rng)
@@ -179,7 +205,7 @@ def train_transform_uint8(image: np.ndarray, boxes: np.ndarray, cfg: ml_collecti
     noise the host would have drawn (then thrown away), so that whatever is drawn from `rng` afterwards (a
     caption) is the host path's too; `draws_follow=False` skips that when nothing follows.
     """
-    image = resize(check_rgb(image), tuple(cfg.image_size), cfg.train_interpolation)
+    image = resize(image, tuple(cfg.image_size), cfg.train_interpolation)
     if rng.random() < cfg.flip_prob:
         image, boxes = hflip(image, boxes)
     out, boxes = pad_crop(image, boxes, cfg.pad, rng, out=out if out is not None else np.empty_like(image))
@@ -195,7 +221,7 @@ def train_transform_uint8(image: np.ndarray, boxes: np.ndarray, cfg: ml_collecti
 
 def eval_resize(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [H, W, 3]: evaluation's host part when the device normalises."""
-    return resize(check_rgb(image), tuple(cfg.image_size), cfg.test_interpolation)
+    return resize(image, tuple(cfg.image_size), cfg.test_interpolation)
 
 
 def eval_transform(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:

@@ -92,7 +92,8 @@ class Task:
         _check(config)
         m = config.muva
         self.data_dir = specs.data_dir(config, self.workdir)
-        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
+        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build,
+                                                      decode_image=False)  # encoded: the pipeline decodes
         self._stored = m.pseudo_masks == "stored" and m.num_parts and m.mask_mode == "rmp" and \
             not m.simulate_grounding
         self._mask_table = None  # read on first use: evaluating a checkpoint does not need the masks

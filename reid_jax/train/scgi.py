@@ -119,7 +119,8 @@ class Task:
             raise errors.ConfigError(f"config.loss.i2t_mode must be 'prototypes' or 'batch', got "
                                      f"{config.loss.i2t_mode!r}")
         self.data_dir = specs.data_dir(config, workdir)
-        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
+        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build,
+                                                      decode_image=False)  # encoded: the pipeline decodes
         self.num_classes = len(np.unique(self.index.pids))
         self.num_cameras = int(self.index.camids.max()) + 1 if config.model.sie else 0
         common.check_pk_batch(config)

@@ -46,7 +46,8 @@ class Task:
         if config.nam.get("oracle") and config.nam.oracle_timing not in ("start", "as_nam"):
             raise errors.ConfigError(f"config.nam.oracle_timing must be 'start' (the table from the first step) or "
                                      f"'as_nam' (written as NAM writes the model's), got {config.nam.oracle_timing!r}")
-        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build)
+        self.source, self.index = specs.training_set(config.data.train, self.data_dir, config.data.auto_build,
+                                                      decode_image=False)  # encoded: the pipeline decodes
         self.num_examples = len(pipeline.caption_examples(self.index.num_captions, np.arange(len(self.index)),
                                                           config.data.caption_mode)[0])
         self.steps_per_epoch, self.total_steps, self.tx, self.learning_rate = common.schedule(config,
