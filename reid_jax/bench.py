@@ -90,10 +90,14 @@ def bench_data(args) -> None:
     aug.image_size = args.image_size
     aug.on_device = args.on_device
     process = psutil.Process()
-    for workers in args.workers:
+    for workers in [0] if args.inline else args.workers:
         cfg = ml_collections.ConfigDict({"batch_size": args.batch, "caption_mode": "random", "context_length": 77,
                                          "num_epochs": None, "num_workers": workers, "aug": aug})
-        it = iter(pipeline.pairs_train(source, index, cfg, seed=0))
+        if args.inline:  # the batches made one after the other in this thread: the work per image alone
+            batches = pipeline.pairs_batches(source, index, cfg, seed=0)
+            it = (batches[b] for b in range(len(batches)))
+        else:
+            it = iter(pipeline.pairs_train(source, index, cfg, seed=0))
         for _ in range(args.warmup):  # start-up (worker processes, read-ahead) is not timed
             next(it)
         t0, cpu0 = time.perf_counter(), _cpu_seconds(process)
@@ -103,7 +107,7 @@ def bench_data(args) -> None:
         pipeline.close_stream(it)
         images = args.batch * args.batches
         print(json.dumps({"bench": "data", "dataset": args.dataset, "image_size": list(args.image_size),
-                          "on_device": args.on_device, "encoded": args.encoded,
+                          "on_device": args.on_device, "encoded": args.encoded, "inline": args.inline,
                           "batch": args.batch, "workers": workers, "images_per_s": round(images / seconds, 1),
                           "images_per_s_per_worker": round(images / seconds / max(workers, 1), 1),
                           "cpu_ms_per_image": round(1000 * cpu / images, 3)}), flush=True)
@@ -501,6 +505,8 @@ def main(argv=None) -> None:
     dat.add_argument("--encoded", action=argparse.BooleanOptionalAction, default=True,
                      help="read the stored image bytes and decode them in the pipeline, as training does "
                           "(--no-encoded: TFDS's decoded arrays)")
+    dat.add_argument("--inline", action="store_true",
+                     help="make the batches in the main thread, no grain threads or workers (--workers ignored)")
     dat.set_defaults(fn=bench_data)
     from reid_jax.search import bench as search_bench
     from reid_jax.train import bench as train_bench

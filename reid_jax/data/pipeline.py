@@ -350,6 +350,12 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
                 shard: Shard = Shard()) -> grain.IterDataset:
     """Shuffled image-caption pairs; `cfg` is config.data (batch_size global, caption_mode, context_length,
     num_epochs (None = forever), num_workers, aug, optional image_words, swap_prob and swap_words)."""
+    return _to_iter(pairs_batches(source, index, cfg, seed=seed, shard=shard), cfg.num_workers)
+
+
+def pairs_batches(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int,
+                  shard: Shard = Shard()) -> grain.MapDataset:
+    """`pairs_train`'s host batches by number, made in the calling thread when indexed (`bench data --inline`)."""
     records = np.arange(len(index))
     examples = caption_examples(index.num_captions, records, cfg.caption_mode)
     labels = _train_labels(index, records)
@@ -358,8 +364,7 @@ def pairs_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, se
     ds = ds.map_with_index(lambda position, example: (position, example))
     ds = ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=lambda xs: np.asarray(xs)[rows])
     swaps = swap_table(cfg.swap_words) if cfg.get("swap_prob", 0.0) else None  # a bad word fails here
-    ds = ds.map(partial(_load_pairs, source, examples, labels, cfg, seed, swaps))
-    return _to_iter(ds, cfg.num_workers)
+    return ds.map(partial(_load_pairs, source, examples, labels, cfg, seed, swaps))
 
 
 def pk_train(source, index: SplitIndex, cfg: ml_collections.ConfigDict, *, seed: int, shard: Shard = Shard(),
