@@ -8,8 +8,10 @@ released checkpoint, as it is). Overrides: `--config.data.batch_size=64`.
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +85,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(errors.report(errors.UserError(_explain_flags_error(argv[1:], e)), errors.EXIT_USAGE))
 
 
+def _exit_now(status: int) -> None:
+    """Ends the process after a stop signal: the exit handlers run (multiprocessing releases the stream's locks,
+    loggers flush), the rest of the interpreter's teardown is skipped. Everything the run keeps is saved by now
+    (fit settles its checkpoints and closes its streams while `Preempted` unwinds), and that teardown is what
+    went wrong: after a SIGTERM that landed as XLA finished compiling the first step, it crashed in native code,
+    past the last Python frame (a segfault, status 139 instead of 143), in some of the runs stopped then."""
+    atexit._run_exitfuncs()  # CPython's own exit path runs these first too
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv) -> int:
     del argv
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
@@ -113,7 +127,7 @@ def main(argv) -> int:
                 loop.fit(config, workdir, task)
                 return 0
     except preemption.Preempted as e:
-        return errors.report(e, e.status)
+        _exit_now(errors.report(e, e.status))
     except (errors.UserError, FileNotFoundError, loop.TrainingDiverged) as e:
         return errors.report(e)
     print({k: round(v, 2) for k, v in results.items()})

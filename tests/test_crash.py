@@ -221,3 +221,32 @@ def test_a_stop_signal_is_not_swallowed_by_a_librarys_except_exception():
             library_call()
     assert stopped.value.status == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is not None  # the handlers were put back
+
+
+def test_a_stop_signal_that_lands_in_a_gc_callback_is_not_lost(monkeypatch):
+    """Python drops an exception raised inside a gc callback ("Exception ignored in ..."), and JAX runs one at
+    every collection: a SIGTERM that lands there was lost, and the run trained on to its end. The request is kept:
+    the next guarded step refuses to start, and leaving the handlers' scope raises it."""
+    import gc
+
+    from reid_jax.train import preemption
+
+    def callback(phase, info):
+        if phase == "start":
+            gc.callbacks.remove(callback)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs here, inside the callback, and its exception is dropped
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))  # "Exception ignored in"
+    with pytest.raises(preemption.Preempted) as stopped:
+        with preemption.StopSignals() as signals:
+            gc.callbacks.append(callback)
+            gc.collect()
+            assert dropped == [preemption.Preempted]  # swallowed, as it was
+            assert signals.requested == signal.SIGTERM
+            with pytest.raises(preemption.Preempted):
+                with signals.deferred():
+                    pytest.fail("a step started after the stop")
+            assert preemption.should_stop(signals, 3) == signal.SIGTERM
+    assert stopped.value.status == 128 + signal.SIGTERM  # raised on leaving the scope

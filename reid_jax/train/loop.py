@@ -234,11 +234,16 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     only once its record is in metrics.jsonl, so one cut short is redone. SIGTERM / SIGINT end the current step,
     save it and raise `preemption.Preempted`.
     """
-    workdir = Path(workdir)
+    with contextlib.ExitStack() as cleanup:  # a stop signal can land anywhere: what the run opens is closed
+        return _fit(config, Path(workdir), task, cleanup)
+
+
+def _fit(config: ml_collections.ConfigDict, workdir: Path, task, cleanup: contextlib.ExitStack) -> nnx.Module:
     _warn_suspicious(config, task)
     mesh, graphdef, state, shardings = place_state(config, task)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     iterator = iter(task.train_stream(Shard.from_jax()))
+    cleanup.callback(close_stream, iterator)  # its worker processes and shared memory
     start, meta = 0, {}
     if (restored := ckpt.restore_latest(abstract_state(state, shardings))) is not None:
         start, state, data_state, meta = restored
@@ -248,6 +253,7 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     # the stream's position after the last batch trained on: what a checkpoint stores (the reader runs ahead)
     consumed = {"state": iterator.get_state()}
     writer = MetricWriter(workdir, resume_step=start)
+    cleanup.callback(writer.close)
     _parameter_table(workdir, nnx.merge(graphdef, state).model)
     _save_config(workdir, config)
     meta = meta | {"best": _best_so_far(config, workdir, start), "resume": _resume_fields(config)}
@@ -356,11 +362,9 @@ def fit(config: ml_collections.ConfigDict, workdir: Path, task) -> nnx.Module:
     finally:
         bar.close()
         settle()
-        writer.close()
-        batch = None
+        batch = None  # the stream's shared memory is freed once no batch refers to it (close_stream)
         if ahead is not None:
             ahead.close()
-        close_stream(iterator)
     return nnx.merge(graphdef, state).model
 
 

@@ -54,17 +54,23 @@ class StopSignals:
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._outer is not None:
             return
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         StopSignals._active = None
+        if exc_type is None and self.requested is not None:
+            raise Preempted(self.requested)  # a stop whose exception was swallowed (see _handle) ends here
 
     def _handle(self, signum, frame) -> None:
-        if self._defer and self.requested is None:
-            self.requested = signum  # the loop saves after this step and raises
-            return
+        first = self.requested is None
+        # Recorded before raising: Python drops an exception raised where it runs code on its own behalf (a gc
+        # callback such as JAX's, a __del__, a weakref callback: "Exception ignored in ..."). The stop then still
+        # happens at the next guarded step (`deferred` raises on entry, `should_stop` after a step) or on exit.
+        self.requested = self.requested or signum
+        if self._defer and first:
+            return  # the loop saves after this step and raises
         raise Preempted(signum, mid_step=self._defer)
 
     @contextlib.contextmanager
