@@ -181,9 +181,10 @@ def erase_value(cfg: ml_collections.ConfigDict, shape: tuple[int, ...], rng: np.
     raise ValueError(f"config.erase_fill must be one of {ERASE_FILLS}, got {cfg.erase_fill!r}")
 
 
-def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
+def train_transform(image, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [h, w, 3], boxes [R, 4] -> float32 [H, W, 3] normalised, boxes [R, 4]; `cfg` is config.data.aug."""
+    """uint8 [h, w, 3] or encoded bytes, boxes [R, 4] -> float32 [H, W, 3] normalised, boxes [R, 4]; `cfg` is
+    config.data.aug."""
     image = resize(image, tuple(cfg.image_size), cfg.train_interpolation)
     if rng.random() < cfg.flip_prob:
         image, boxes = hflip(image, boxes)
@@ -195,11 +196,12 @@ def train_transform(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.Co
     return out, boxes
 
 
-def train_transform_uint8(image: np.ndarray, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
+def train_transform_uint8(image, boxes: np.ndarray, cfg: ml_collections.ConfigDict,
                           rng: np.random.Generator, out: np.ndarray | None = None, draws_follow: bool = True):
-    """`train_transform` without its float steps: uint8 [h, w, 3], boxes [R, 4] -> uint8 [H, W, 3] (written into
-    `out` when given), boxes [R, 4], and the erasing rectangle int32 [4] = (top, left, height, width), all 0 when
-    the example is not erased; `reid_jax.data.device.prepare_images` normalises and erases on the device.
+    """`train_transform` without its float steps: uint8 [h, w, 3] or encoded bytes, boxes [R, 4] -> uint8 [H, W, 3]
+    (written into `out` when given), boxes [R, 4], and the erasing rectangle int32 [4] = (top, left, height,
+    width), all 0 when the example is not erased; `reid_jax.data.device.prepare_images` normalises and erases on
+    the device.
 
     The same draws from `rng` in the same order as `train_transform`. For the 'random' fill that includes the
     noise the host would have drawn (then thrown away), so that whatever is drawn from `rng` afterwards (a
@@ -219,13 +221,13 @@ def train_transform_uint8(image: np.ndarray, boxes: np.ndarray, cfg: ml_collecti
     return out, boxes, erase
 
 
-def eval_resize(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
-    """uint8 [h, w, 3] -> uint8 [H, W, 3]: evaluation's host part when the device normalises."""
+def eval_resize(image, cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """uint8 [h, w, 3] or encoded bytes -> uint8 [H, W, 3]: evaluation's host part when the device normalises."""
     return resize(image, tuple(cfg.image_size), cfg.test_interpolation)
 
 
-def eval_transform(image: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
-    """uint8 [h, w, 3] -> float32 [H, W, 3] resized and normalised."""
+def eval_transform(image, cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """uint8 [h, w, 3] or encoded bytes -> float32 [H, W, 3] resized and normalised."""
     return normalize(eval_resize(image, cfg), cfg.mean_std)
 
 
