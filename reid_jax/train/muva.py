@@ -123,8 +123,8 @@ class Task:
         return self._mask_table
 
     def _meta(self):
-        meta, _ = specs.training_set(self.config.data.train, self.data_dir, False, decode_image=False)
-        return (meta[i] for i in range(len(meta)))
+        """Every training record in turn (cheap: the source leaves images encoded, and only metadata is read)."""
+        return (self.source[i] for i in range(len(self.source)))
 
     # ------------------------------------------------------------------------------------------------ model
     def _released_file(self):

@@ -68,7 +68,8 @@ class StopSignals:
         # Recorded before raising: Python drops an exception raised where it runs code on its own behalf (a gc
         # callback such as JAX's, a __del__, a weakref callback: "Exception ignored in ..."). The stop then still
         # happens at the next guarded step (`deferred` raises on entry, `should_stop` after a step) or on exit.
-        self.requested = self.requested or signum
+        if first:
+            self.requested = signum
         if self._defer and first:
             return  # the loop saves after this step and raises
         raise Preempted(signum, mid_step=self._defer)
