@@ -70,11 +70,13 @@ def bench_encode(args) -> None:
 
 def bench_data(args) -> None:
     """Training input pipeline throughput (decode + augment + tokenise): images/s per worker count, and the CPU
-    time per image of the process and its workers (the cost per core, whatever the threads overlap)."""
+    time per image of the process and its workers (the cost per core, whatever the threads overlap); and the
+    device's part of the same images (`device.prepare_images`, jitted, on this process's first device)."""
     import ml_collections
     import psutil
 
     from reid_jax import data
+    from reid_jax.data import device
     from reid_jax.data import index as index_lib
     from reid_jax.data import pipeline, transforms
     from reid_jax.train.bench import _cpu_seconds
@@ -88,7 +90,8 @@ def bench_data(args) -> None:
     index = index_lib.split_index(args.dataset, args.split, args.data_dir, args.config)
     aug = transforms.default_config()
     aug.image_size = args.image_size
-    aug.on_device = args.on_device
+    aug.on_device, aug.resize_on_device = args.on_device, args.resize_on_device
+    prepare = jax.jit(lambda b: device.prepare_images(b, aug, jax.random.key(0)))
     process = psutil.Process()
     for workers in [0] if args.inline else args.workers:
         cfg = ml_collections.ConfigDict({"batch_size": args.batch, "caption_mode": "random", "context_length": 77,
@@ -104,13 +107,21 @@ def bench_data(args) -> None:
         for _ in range(args.batches):
             next(it)
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds(process) - cpu0
+        batch = next(it)
         pipeline.close_stream(it)
         images = args.batch * args.batches
+        device_ms = None  # the host made the float images: nothing left for the device
+        if args.on_device:
+            fields = {k: batch[k] for k in ("image", "erase", *device.RESAMPLE_FIELDS) if k in batch}
+            device_ms = round(1000 * _run_seconds(lambda: prepare(fields), 5)[1] / args.batch, 3)
         print(json.dumps({"bench": "data", "dataset": args.dataset, "image_size": list(args.image_size),
-                          "on_device": args.on_device, "encoded": args.encoded, "inline": args.inline,
+                          "on_device": args.on_device, "resize_on_device": args.resize_on_device,
+                          "encoded": args.encoded, "inline": args.inline,
                           "batch": args.batch, "workers": workers, "images_per_s": round(images / seconds, 1),
                           "images_per_s_per_worker": round(images / seconds / max(workers, 1), 1),
-                          "cpu_ms_per_image": round(1000 * cpu / images, 3)}), flush=True)
+                          "cpu_ms_per_image": round(1000 * cpu / images, 3),
+                          "device": jax.devices()[0].device_kind,
+                          "device_ms_per_image": device_ms}), flush=True)
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks, for MFU
@@ -502,6 +513,9 @@ def main(argv=None) -> None:
     dat.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     dat.add_argument("--on-device", action=argparse.BooleanOptionalAction, default=True,
                      help="uint8 images, normalised and erased on the device (config.data.aug.on_device)")
+    dat.add_argument("--resize-on-device", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --on-device: resize, flip and crop on the device too, from the decoded sources "
+                          "(config.data.aug.resize_on_device)")
     dat.add_argument("--encoded", action=argparse.BooleanOptionalAction, default=True,
                      help="read the stored image bytes and decode them in the pipeline, as training does "
                           "(--no-encoded: TFDS's decoded arrays)")

@@ -1,5 +1,6 @@
-"""uint8 images normalised and erased on the device (`config.data.aug.on_device`) against the host's float path,
-which is the reference (tests/test_pipeline.py checks it against the formulas); and the device prefetch's exact
+"""uint8 images normalised and erased on the device (`config.data.aug.on_device`), and resized, flipped and cropped
+there too (`resize_on_device`), against the host's float path, which is the reference (tests/test_pipeline.py
+checks it against the formulas, tests/test_resample.py the resize against PIL); and the device prefetch's exact
 stream positions."""
 
 import functools
@@ -22,10 +23,12 @@ H, W = 32, 16
 
 @pytest.fixture(scope="module")
 def source():
-    """24 records of 6 identities, random textures (a wrong flip or crop shows), 3 captions each."""
+    """24 records of 6 identities, random textures (a wrong flip or crop shows), 3 captions each; images larger
+    than H x W (resized on the host), smaller (upsampled on the device when it resizes) and of its size."""
     rng = np.random.default_rng(0)
     boxes = np.array([[0.2, 0.0, 0.8, 0.2], [0.1, 0.2, 0.9, 0.6], [-1, -1, -1, -1]], np.float32)
-    return [{"image": rng.integers(0, 256, (40, 20, 3), np.uint8), "file_name": f"{i}.png".encode(), "pid": i // 4,
+    sizes = [(40, 20), (20, 10), (H, W), (25, 11)]
+    return [{"image": rng.integers(0, 256, (*sizes[i % 4], 3), np.uint8), "file_name": f"{i}.png".encode(), "pid": i // 4,
              "camid": i % 2, "captions": [f"person {i} caption {c}".encode() for c in range(3)],
              "caption_sources": [], "domain": b"d", "part_boxes": boxes} for i in range(24)]
 
@@ -35,21 +38,29 @@ def index(source):
     return SplitIndex.scan(source)
 
 
-def _cfg(fill: str, on_device: bool = True) -> ml_collections.ConfigDict:
+def _cfg(fill: str, on_device: bool = True, resize: bool = True) -> ml_collections.ConfigDict:
     aug = transforms.default_config()
-    aug.update({"image_size": (H, W), "pad": 3, "erase_prob": 0.6, "erase_fill": fill, "on_device": on_device})
+    aug.update({"image_size": (H, W), "pad": 3, "erase_prob": 0.6, "erase_fill": fill, "on_device": on_device,
+                "resize_on_device": resize})
     return ml_collections.ConfigDict({"batch_size": 16, "caption_mode": "random", "context_length": 16,
                                       "num_epochs": None, "num_workers": 0, "aug": aug,
                                       "pk": {"identities": 4, "instances": 4}})
 
 
-def _batches(make, source, index, fill, **kw):
+def _batches(make, source, index, fill, resize=True, **kw):
     """The first two batches of the stream, uint8 (on the device) and float (host), same seed."""
     out = []
     for on_device in (True, False):
-        it = iter(make(source, index, _cfg(fill, on_device), seed=4, **kw))
+        it = iter(make(source, index, _cfg(fill, on_device, resize), seed=4, **kw))
         out.append([next(it) for _ in range(2)])
     return out
+
+
+def _geometry(batch):
+    """The uint8 images after the resize, flip and crop: the batch's own, or the device's from its tables."""
+    if "resample_rows" not in batch:
+        return batch["image"]
+    return np.asarray(device.resample(batch["image"], batch["resample_rows"], batch["resample_cols"]))
 
 
 @functools.cache
@@ -76,22 +87,42 @@ STREAMS = [(pipeline.pairs_train, {}), (pipeline.pk_train, {"captions": True}), 
 
 @pytest.mark.parametrize("fill", ["mean", "zero"])
 @pytest.mark.parametrize("stream", range(len(STREAMS)), ids=["pairs", "pk+captions", "pk"])
-def test_uint8_then_prepare_equals_the_host_path(source, index, fill, stream):
+@pytest.mark.parametrize("resize", [True, False], ids=["resize_on_device", "resize_on_host"])
+def test_uint8_then_prepare_equals_the_host_path(source, index, fill, stream, resize):
     make, kw = STREAMS[stream]
-    dev, host = _batches(make, source, index, fill, **kw)
+    dev, host = _batches(make, source, index, fill, resize, **kw)
     erased = 0
     for d, h in zip(dev, host):
         assert d["image"].dtype == np.uint8 and h["image"].dtype == np.float32
         assert d["erase"].dtype == np.int32 and d["erase"].shape == (16, 4)
+        assert ("resample_rows" in d) == resize
+        if resize:  # sources smaller than H x W wait at the top-left of their row, zeros around them
+            small = [i for i, r in enumerate(d["image_index"]) if source[r]["image"].shape[:2] == (20, 10)]
+            assert small and not d["image"][small, 20:].any() and not d["image"][small, :, 10:].any()
         erased += int((d["erase"][:, 2] > 0).sum())
         got = _prepared(d, fill)
-        assert set(got) == set(h)  # 'erase' consumed
+        assert set(got) == set(h)  # erase and the tables consumed
         assert got["image"].dtype == jnp.float32
         assert_close(got["image"], h["image"], 1e-6, f"{fill} image", scale=1.0)
         for k in h:
             if k != "image":
                 np.testing.assert_array_equal(np.asarray(got[k]), h[k], err_msg=k)
     assert 0 < erased < 32  # both kinds of example were seen
+
+
+@pytest.mark.parametrize("stream", range(len(STREAMS)), ids=["pairs", "pk+captions", "pk"])
+def test_resizing_on_the_device_gives_the_hosts_bytes(source, index, stream):
+    """resize_on_device: the device's resize, flip and crop of the sources are the host's uint8 images exactly
+    (PIL's integer arithmetic), and every other field is the same."""
+    make, kw = STREAMS[stream]
+    on, off = ([next(it) for _ in range(2)] for it in
+               (iter(make(source, index, _cfg("random", resize=r), seed=5, **kw)) for r in (True, False)))
+    for d, h in zip(on, off):
+        np.testing.assert_array_equal(_geometry(d), h["image"])
+        assert set(d) - set(h) == {"resample_rows", "resample_cols"}
+        for k in h:
+            if k != "image":
+                np.testing.assert_array_equal(d[k], h[k], err_msg=k)
 
 
 @pytest.mark.parametrize("stream", range(len(STREAMS)), ids=["pairs", "pk+captions", "pk"])
@@ -104,7 +135,7 @@ def test_random_fill_same_rectangles_and_stream_noise_from_the_rng(source, index
     noise = []
     for d, h in zip(dev, host):
         inside = _inside(d["erase"])
-        plain = np.stack([transforms.normalize(x, "clip") for x in d["image"]])
+        plain = np.stack([transforms.normalize(x, "clip") for x in _geometry(d)])
         np.testing.assert_array_equal((h["image"] != plain).any(-1), inside)  # host noise fills exactly these
         got = np.asarray(_prepared(d, "random")["image"])
         assert_close(got[~inside], h["image"][~inside], 1e-6, "outside the rectangles", scale=1.0)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from reid_jax.data import resample as resample_tables
 from reid_jax.data import transforms
 
 # fold_in(step rng, ERASE_NOISE) keys the 'random' fill's noise: a constant no split of the step rng reaches (fold_in
@@ -27,20 +28,44 @@ from reid_jax.data import transforms
 ERASE_NOISE = 0x45524153
 
 
+RESAMPLE_FIELDS = ("resample_rows", "resample_cols")
+
+
 def prepare_images(batch: dict, aug: ml_collections.ConfigDict, rng: jax.Array | None = None) -> dict:
     """`batch` with uint8 'image' [B, H, W, 3] -> float32 normalised with `aug.mean_std`, each row's 'erase'
     rectangle (int32 [B, 4] top, left, height, width; height 0 = none; the field is dropped) filled with
     `aug.erase_fill`: 'mean' the mean vector in normalised units, 'zero' 0, 'random' N(0, 1) per pixel from
-    fold_in(rng, ERASE_NOISE). A float 'image' (normalised on the host) passes through unchanged."""
+    fold_in(rng, ERASE_NOISE). With 'resample_rows' / 'resample_cols' (`aug.resize_on_device`; dropped too) the
+    uint8 images are sources still to resize, flip and crop (`resample`) first. A float 'image' (normalised on
+    the host) passes through unchanged."""
     image = batch["image"]
     if image.dtype != jnp.uint8:
         return batch
+    if "resample_rows" in batch:
+        image = resample(image, batch["resample_rows"], batch["resample_cols"])
     mean, std = (jnp.asarray(v, jnp.float32) for v in transforms.MEANS_STDS[aug.mean_std])
     x = (image.astype(jnp.float32) / 255.0 - mean) / std  # the host's `transforms.normalize`, op for op
-    out = {k: v for k, v in batch.items() if k != "erase"}
+    out = {k: v for k, v in batch.items() if k not in ("erase", *RESAMPLE_FIELDS)}
     if "erase" in batch:
         x = _erase(x, batch["erase"], aug, rng, mean)
     return out | {"image": x}
+
+
+def resample(image: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """PIL's two-pass resize (with the flip and crop folded in) from tables (`reid_jax.data.resample.tables`):
+    uint8 sources image [B, h, w, C] (each at the top-left of its row), rows int32 [B, H, 2, K], cols int32
+    [B, W, 2, K] -> uint8 [B, H, W, C]. Integer sums as PIL's, so the same bytes."""
+    def one(x, rows, cols):
+        x = x.astype(jnp.int32)
+        across = _round(sum(x[:, cols[:, 0, k]] * cols[None, :, 1, k, None] for k in range(cols.shape[-1])))
+        return _round(sum(across[rows[:, 0, k]] * rows[:, 1, k, None, None] for k in range(rows.shape[-1])))
+    return jax.vmap(one)(image, rows, cols).astype(jnp.uint8)
+
+
+def _round(total: jax.Array) -> jax.Array:
+    """A pass's fixed-point sums -> pixel values: + 1/2, drop the fraction bits, clip to [0, 255]."""
+    bits = resample_tables.PRECISION_BITS
+    return jnp.clip((total + (1 << (bits - 1))) >> bits, 0, 255)
 
 
 def _erase(x: jax.Array, erase: jax.Array, aug, rng, mean: jax.Array) -> jax.Array:

@@ -13,7 +13,9 @@ Streams:
 
 Batch fields: image uint8 [B, H, W, 3] (resized, flipped, cropped: `config.data.aug.on_device`, the default) or
 float32 [B, H, W, 3] (normalised and erased on the host), erase int32 [B, 4] (training with on_device: each
-example's erasing rectangle top, left, height, width; height 0 = none), text int32 [B, L], pid int32 [B]
+example's erasing rectangle top, left, height, width; height 0 = none), resample_rows int32 [B, H, 2, K] and
+resample_cols int32 [B, W, 2, K] (training with resize_on_device, the default: image then holds each example's
+source image at the top-left of its row, for the device to resize, flip and crop), text int32 [B, L], pid int32 [B]
 (contiguous training label; the dataset's own id in evaluation), camid int32 [B], part_boxes float32 [B, 3, 4],
 index int32 [B] (the example id: stable across epochs, for per-example state such as NAM's similarity table),
 image_index int32 [B] (record id), valid bool [B] (evaluation). uint8 images become the float32 ones on the device:
@@ -147,20 +149,33 @@ def on_device(aug: ml_collections.ConfigDict) -> bool:
     return bool(aug.get("on_device", False))
 
 
+def resize_on_device(aug: ml_collections.ConfigDict) -> bool:
+    """Whether the device also resizes, flips and crops training images (`config.data.aug.resize_on_device`, with
+    on_device; configs saved before the field existed: the host)."""
+    return on_device(aug) and bool(aug.get("resize_on_device", False))
+
+
 class _Augmented:
     """The augmented images of one batch as they are made, and their fields: image, part_boxes and, when the
-    device normalises, erase. uint8 images go straight into one preallocated [B, H, W, 3] array."""
+    device normalises, erase; when it resizes too, the resampling tables (`resample_rows`, `resample_cols`).
+    uint8 images (or sources) go straight into one preallocated [B, H, W, 3] array."""
 
     def __init__(self, aug: ml_collections.ConfigDict, size: int):
-        self.aug, self.uint8 = aug, on_device(aug)
-        self.images = np.empty((size, *aug.image_size, 3), np.uint8) if self.uint8 else []
+        self.aug, self.uint8, self.sources = aug, on_device(aug), resize_on_device(aug)
+        alloc = np.zeros if self.sources else np.empty  # a source fills only the top-left of its row
+        self.images = alloc((size, *aug.image_size, 3), np.uint8) if self.uint8 else []
         self.boxes, self.erase = [], np.zeros((size, 4), np.int32)
+        self.tables = []
 
     def add(self, rec: dict, rng: np.random.Generator, draws_follow: bool) -> None:
         """Augments `rec`'s image with `rng`; `draws_follow`: something is drawn from `rng` afterwards."""
         boxes = np.asarray(rec["part_boxes"])
         i = len(self.boxes)
-        if self.uint8:
+        if self.sources:
+            boxes, self.erase[i], *tables = transforms.train_transform_source(
+                rec["image"], boxes, self.aug, rng, out=self.images[i], draws_follow=draws_follow)
+            self.tables.append(tables)
+        elif self.uint8:
             _, boxes, self.erase[i] = transforms.train_transform_uint8(rec["image"], boxes, self.aug, rng,
                                                                        out=self.images[i], draws_follow=draws_follow)
         else:
@@ -170,7 +185,11 @@ class _Augmented:
 
     def fields(self) -> dict:
         images = self.images if self.uint8 else np.stack(self.images)
-        return {"image": images, "part_boxes": np.stack(self.boxes)} | ({"erase": self.erase} if self.uint8 else {})
+        out = {"image": images, "part_boxes": np.stack(self.boxes)} | ({"erase": self.erase} if self.uint8 else {})
+        if self.sources:
+            out |= {"resample_rows": np.stack([t[0] for t in self.tables]),
+                    "resample_cols": np.stack([t[1] for t in self.tables])}
+        return out
 
 
 def image_words(captions: Sequence[str], context_length: int, width: int) -> np.ndarray:

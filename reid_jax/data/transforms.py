@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from reid_jax.data import resample
 from reid_jax.errors import UserError
 
 MEANS_STDS = {  # name -> (mean, std) per RGB channel, in [0, 1] pixel units
@@ -75,23 +76,60 @@ INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # PIL's
 def resize(image, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
     """uint8 [h, w, 3] or encoded bytes (`as_pil`) -> uint8 [H, W, 3], as torchvision's Resize(size,
     interpolation) on PIL images."""
+    _check_interpolation(interpolation)
+    if not is_encoded(image) and check_rgb(image).shape[:2] == tuple(size):
+        return image
+    return _resize_pil(as_pil(image), size, interpolation)
+
+
+def _check_interpolation(interpolation: str) -> None:
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"config.data.aug interpolation must be one of {sorted(INTERPOLATIONS)}, "
                          f"got {interpolation!r}")
-    if not is_encoded(image) and check_rgb(image).shape[:2] == tuple(size):
-        return image
-    pil = as_pil(image)
+
+
+def _resize_pil(pil: Image.Image, size: tuple[int, int], interpolation: str) -> np.ndarray:
     if pil.size != (size[1], size[0]):
         pil = pil.resize((size[1], size[0]), INTERPOLATIONS[interpolation])
     return np.asarray(pil)
 
 
+def device_source(image, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """What the device resizes (`resize_on_device`): the decoded image uint8 [h, w, 3] itself when it fits in
+    `size` (h <= H and w <= W: the device upsamples), else `resize`d to `size` here."""
+    _check_interpolation(interpolation)
+    pil = as_pil(image) if is_encoded(image) else None
+    w, h = pil.size if pil is not None else check_rgb(image).shape[1::-1]
+    if h <= size[0] and w <= size[1]:
+        return np.asarray(pil) if pil is not None else image
+    return _resize_pil(pil if pil is not None else Image.fromarray(image), size, interpolation)
+
+
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mirror image [H, W, C] and boxes [R, 4] (absent boxes, all -1, stay absent)."""
+    return image[:, ::-1], flip_boxes(boxes)
+
+
+def flip_boxes(boxes: np.ndarray) -> np.ndarray:
     flipped = boxes.copy()
     present = boxes[:, 0] >= 0
     flipped[present, 0], flipped[present, 2] = 1.0 - boxes[present, 2], 1.0 - boxes[present, 0]
-    return image[:, ::-1], flipped
+    return flipped
+
+
+def crop_corner(pad: int, rng: np.random.Generator) -> tuple[int, int]:
+    """The random crop window's corner (dy, dx) in the image, in [-pad, pad] (negative = in the zero padding)."""
+    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    return int(top) - pad, int(left) - pad
+
+
+def shift_boxes(boxes: np.ndarray, corner: tuple[int, int], hw: tuple[int, int]) -> np.ndarray:
+    """Boxes [R, 4] of an h x w image, in the crop window at `corner` (dy, dx): shifted and clipped."""
+    (dy, dx), (h, w) = corner, hw
+    shifted = boxes.copy()
+    present = boxes[:, 0] >= 0
+    shifted[present] = np.clip(boxes[present] - np.array([dx / w, dy / h] * 2, np.float32), 0.0, 1.0)
+    return shifted
 
 
 def pad_crop(image: np.ndarray, boxes: np.ndarray, pad: int, rng: np.random.Generator,
@@ -107,18 +145,13 @@ def pad_crop(image: np.ndarray, boxes: np.ndarray, pad: int, rng: np.random.Gene
         _copy(out, image)
         return out, boxes
     h, w = image.shape[:2]
-    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    dy, dx = crop_corner(pad, rng)
     out = np.zeros_like(image) if out is None else out
-    dy, dx = int(top) - pad, int(left) - pad  # the window's corner in the image (negative = in the padding)
     y0, y1, x0, x1 = max(dy, 0), min(dy + h, h), max(dx, 0), min(dx + w, w)
     if dy or dx:
         out[...] = 0
     _copy(out[y0 - dy: y1 - dy, x0 - dx: x1 - dx], image[y0:y1, x0:x1])
-    shifted = boxes.copy()
-    present = boxes[:, 0] >= 0
-    shift = np.array([(pad - left) / w, (pad - top) / h] * 2, np.float32)
-    shifted[present] = np.clip(boxes[present] + shift, 0.0, 1.0)
-    return out, shifted
+    return out, shift_boxes(boxes, (dy, dx), (h, w))
 
 
 def _copy(dst: np.ndarray, src: np.ndarray) -> None:
@@ -211,14 +244,43 @@ def train_transform_uint8(image, boxes: np.ndarray, cfg: ml_collections.ConfigDi
     if rng.random() < cfg.flip_prob:
         image, boxes = hflip(image, boxes)
     out, boxes = pad_crop(image, boxes, cfg.pad, rng, out=out if out is not None else np.empty_like(image))
+    return out, boxes, _erase_draws(out.shape, cfg, rng, draws_follow)
+
+
+def train_transform_source(image, boxes: np.ndarray, cfg: ml_collections.ConfigDict, rng: np.random.Generator,
+                           out: np.ndarray, draws_follow: bool = True):
+    """`train_transform_uint8` with the resize, flip and crop left to the device (`config.data.aug.
+    resize_on_device`): writes `device_source`'s pixels to the top-left of `out` (uint8 [H, W, 3], zeros
+    elsewhere) and returns boxes [R, 4], the erasing rectangle int32 [4] and the resampling tables rows int32
+    [H, 2, K], cols int32 [W, 2, K] (`reid_jax.data.resample.tables`). The same draws in the same order, so the
+    device's images are `train_transform_uint8`'s, byte for byte."""
+    size = tuple(cfg.image_size)
+    source = device_source(image, size, cfg.train_interpolation)
+    _copy(out[: source.shape[0], : source.shape[1]], source)
+    flip = bool(rng.random() < cfg.flip_prob)
+    if flip:
+        boxes = flip_boxes(boxes)
+    corner = (0, 0)
+    if cfg.pad > 0:
+        corner = crop_corner(cfg.pad, rng)
+        boxes = shift_boxes(boxes, corner, size)
+    erase = _erase_draws((*size, out.shape[2]), cfg, rng, draws_follow)
+    rows, cols = resample.tables(source.shape[:2], size, cfg.train_interpolation, flip, corner)
+    return boxes, erase, rows, cols
+
+
+def _erase_draws(shape: tuple[int, int, int], cfg: ml_collections.ConfigDict, rng: np.random.Generator,
+                 draws_follow: bool) -> np.ndarray:
+    """The erasing rectangle of an image of `shape` [H, W, C] as `train_transform`'s draws make it: int32 [4]
+    (top, left, height, width), all 0 when not erased."""
     erase = np.zeros(4, np.int32)
     if rng.random() < cfg.erase_prob:
-        box = erase_box(*out.shape[:2], rng, tuple(cfg.erase_area), tuple(cfg.erase_ratio))
+        box = erase_box(*shape[:2], rng, tuple(cfg.erase_area), tuple(cfg.erase_ratio))
         if box is not None:
             erase[:] = box
             if draws_follow and cfg.erase_fill == "random":
-                rng.standard_normal((box[2], box[3], out.shape[2]))  # as erase_value's draw: keeps rng in step
-    return out, boxes, erase
+                rng.standard_normal((box[2], box[3], shape[2]))  # as erase_value's draw: keeps rng in step
+    return erase
 
 
 def eval_resize(image, cfg: ml_collections.ConfigDict) -> np.ndarray:
@@ -241,4 +303,8 @@ def default_config() -> ml_collections.ConfigDict:
         # where normalising and erasing run: True = on the accelerator, inside the jitted step, from uint8 images
         # (a quarter of the bytes, no float work on the host); False = on the host, float32 images as before.
         # The same images either way (module docstring); no paper default depends on it
-        "on_device": True})
+        "on_device": True,
+        # with on_device: the resize, flip and crop run on the accelerator too, from the decoded source image and
+        # PIL's own integer weights (`reid_jax.data.resample`), for sources no larger than image_size (larger ones
+        # are resized on the host first). The same bytes as PIL's resize; the host only decodes
+        "resize_on_device": True})

@@ -62,7 +62,7 @@ def config_for(args) -> ml_collections.ConfigDict:
                    "num_workers": args.workers, "context_length": arch.text.context_length})
     c.data.train = ml_collections.ConfigDict({"name": args.dataset, "split": "train", "config": args.config,
                                               "label": args.dataset})
-    c.data.aug.on_device = args.on_device
+    c.data.aug.on_device, c.data.aug.resize_on_device = args.on_device, args.resize_on_device
     c.nam.layer = min(c.nam.layer, arch.vision.layers, arch.text.layers)
     return c
 
@@ -109,7 +109,8 @@ def bench_train(args) -> None:
     pairs = args.batch * args.steps
     print(json.dumps({
         "bench": "train", "model": args.model, "image_size": list(args.image_size), "dtype": args.dtype,
-        "batch": args.batch, "workers": args.workers, "on_device": args.on_device, "steps": args.steps,
+        "batch": args.batch, "workers": args.workers, "on_device": args.on_device,
+        "resize_on_device": args.resize_on_device, "steps": args.steps,
         "device": jax.devices()[0].device_kind, "warmup_s": round(warmup_s, 1),
         "pairs_per_s": round(pairs / wall, 1), "step_ms": round(wall / args.steps * 1e3, 2),
         "step_only_ms": round(step_only * 1e3, 2), "step_only_pairs_per_s": round(args.batch / step_only, 1),
@@ -133,4 +134,6 @@ def add_parsers(sub, hw) -> None:
     tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first compiles)")
     tr.add_argument("--on-device", action=argparse.BooleanOptionalAction, default=True,
                     help="normalise and erase on the device from uint8 images (config.data.aug.on_device)")
+    tr.add_argument("--resize-on-device", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --on-device: resize, flip and crop on the device too (config.data.aug.resize_on_device)")
     tr.set_defaults(fn=bench_train)
