@@ -115,7 +115,7 @@ def bench_data(args) -> None:
             fields = {k: batch[k] for k in ("image", "erase", *device.RESAMPLE_FIELDS) if k in batch}
             device_ms = round(1000 * _run_seconds(lambda: prepare(fields), 5)[1] / args.batch, 3)
         print(json.dumps({"bench": "data", "dataset": args.dataset, "image_size": list(args.image_size),
-                          "on_device": args.on_device, "resize_on_device": args.resize_on_device,
+                          "on_device": args.on_device, "resize_on_device": args.on_device and args.resize_on_device,
                           "encoded": args.encoded, "inline": args.inline,
                           "batch": args.batch, "workers": workers, "images_per_s": round(images / seconds, 1),
                           "images_per_s_per_worker": round(images / seconds / max(workers, 1), 1),

@@ -1,10 +1,12 @@
-"""The input pipeline's device end: uint8 images normalised and erased on the accelerator, and the next batches
-put on the devices while the current step runs.
+"""The input pipeline's device end: uint8 images resized, flipped, cropped, normalised and erased on the
+accelerator, and the next batches put on the devices while the current step runs.
 
 `prepare_images` finishes what `transforms.train_transform_uint8` / `eval_resize` left undone on the host
 (`config.data.aug.on_device`): uint8 [B, H, W, 3] -> float32 (x / 255 - mean) / std, and each example's erasing
-rectangle (`erase`, from the host's draws) painted with the configured fill. It runs inside the jitted training
-step and before the image encoders of evaluation, so the host sends a quarter of the bytes and does no float work.
+rectangle (`erase`, from the host's draws) painted with the configured fill. With `resize_on_device` the uint8
+images are the decoded sources and `resample` first applies PIL's resize with the flip and crop folded in, from
+per-image tables (`reid_jax.data.resample`): the host then only decodes. It runs inside the jitted training step
+and before the image encoders of evaluation, so the host sends a quarter of the bytes and does no float work.
 
 `DevicePrefetch` runs `next(iterator)` and the host-to-device transfer of the next batches in a background thread,
 and hands each batch over with the iterator state that follows it: a checkpoint stores the position of the

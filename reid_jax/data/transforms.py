@@ -6,13 +6,17 @@ fraction and aspect ratio ranges, filled with a constant). Part boxes (normalise
 follow every geometric step, so image and part masks are always flipped and cropped together (MUVA). Evaluation:
 resize (`test_interpolation`, bilinear for all three methods' code) + normalise only.
 
-Two places to run the last two steps (`config.data.aug.on_device`):
-  * True (default): the host does the integer steps (resize, flip, pad + crop) and hands uint8 images on, each with
-    the rectangle random erasing drew (`train_transform_uint8`); the jitted step normalises and paints the
-    rectangle on the accelerator (`reid_jax.data.device.prepare_images`). A quarter of the bytes to copy and
-    send, and the host's float work gone.
+Where the steps run (`config.data.aug.on_device`, `resize_on_device`):
+  * both True (default): the host decodes the image and draws the flip, the crop window and the erasing rectangle;
+    it sends the source image with PIL's resize weights as tables, the flip and crop folded in
+    (`train_transform_source`, `reid_jax.data.resample`), and the jitted step resizes, flips, crops, normalises and
+    paints the rectangle on the accelerator (`reid_jax.data.device.prepare_images`), PIL's bytes exactly. Images
+    larger than `image_size` are resized on the host first (`device_source`).
+  * on_device only: the host does the integer steps (resize, flip, pad + crop) and hands uint8 images on, each with
+    the rectangle random erasing drew (`train_transform_uint8`); the device normalises and paints the rectangle. A
+    quarter of the bytes to copy and send, and the host's float work gone.
   * False: everything on the host, float32 images out (`train_transform`, `eval_transform`).
-Both draw the same random numbers in the same order, so a seed gives the same geometry, erasing rectangles and
+All draw the same random numbers in the same order, so a seed gives the same geometry, erasing rectangles and
 captions either way; the images agree to float32 rounding (fills 'mean' and 'zero'), the 'random' fill's noise
 values come from jax.random on the device.
 

@@ -110,7 +110,7 @@ def bench_train(args) -> None:
     print(json.dumps({
         "bench": "train", "model": args.model, "image_size": list(args.image_size), "dtype": args.dtype,
         "batch": args.batch, "workers": args.workers, "on_device": args.on_device,
-        "resize_on_device": args.resize_on_device, "steps": args.steps,
+        "resize_on_device": args.on_device and args.resize_on_device, "steps": args.steps,
         "device": jax.devices()[0].device_kind, "warmup_s": round(warmup_s, 1),
         "pairs_per_s": round(pairs / wall, 1), "step_ms": round(wall / args.steps * 1e3, 2),
         "step_only_ms": round(step_only * 1e3, 2), "step_only_pairs_per_s": round(args.batch / step_only, 1),
