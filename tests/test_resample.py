@@ -13,12 +13,14 @@ from reid_jax.data import device, resample, transforms
 PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
-def _on_device(source: np.ndarray, out_hw, interpolation, flip=False, shift=(0, 0)) -> np.ndarray:
-    """`device.resample` of one source placed at the top-left of an out_hw array, as the pipeline sends it."""
-    rows, cols = resample.tables(source.shape[:2], out_hw, interpolation, flip, shift)
-    padded = np.zeros((*out_hw, 3), np.uint8)
-    padded[: source.shape[0], : source.shape[1]] = source
-    return np.asarray(device.resample(jnp.asarray(padded[None]), jnp.asarray(rows[None]), jnp.asarray(cols[None])))[0]
+def _on_device(sources: list[np.ndarray], out_hw, interpolation, flip=False, shift=(0, 0)) -> np.ndarray:
+    """`device.resample` of a batch of sources, each at the top-left of an out_hw row, as the pipeline sends it."""
+    tables = [resample.tables(s.shape[:2], out_hw, interpolation, flip, shift) for s in sources]
+    padded = np.zeros((len(sources), *out_hw, 3), np.uint8)
+    for row, s in zip(padded, sources):
+        row[: s.shape[0], : s.shape[1]] = s
+    rows, cols = (jnp.asarray(np.stack(t)) for t in zip(*tables))
+    return np.asarray(device.resample(jnp.asarray(padded), rows, cols))
 
 
 def _pil(source: np.ndarray, out_hw, interpolation) -> np.ndarray:
@@ -27,16 +29,17 @@ def _pil(source: np.ndarray, out_hw, interpolation) -> np.ndarray:
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_device_resize_is_pils_byte_for_byte(interpolation):
+    """Batches of sources of mixed sizes (the same size, 1 x 1, random) per output size."""
     rng = np.random.default_rng(0)
-    cases = [((128, 64), (384, 128)), ((7, 5), (7, 5)), ((1, 1), (9, 4)), ((30, 31), (31, 31))]
-    cases += [((int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))), (h, w))
-              for h, w in rng.integers(2, 48, (40, 2))]
-    for src_hw, out_hw in cases:
-        source = rng.integers(0, 256, (*src_hw, 3), np.uint8)
-        source[0, 0] = 0 if src_hw[0] > 1 else source[0, 0]  # extremes: bicubic overshoots and clips
-        source[-1, -1] = 255
-        np.testing.assert_array_equal(_on_device(source, out_hw, interpolation),
-                                      _pil(source, out_hw, interpolation), err_msg=f"{src_hw} -> {out_hw}")
+    for out_hw in [(384, 128), (7, 5), (9, 4), (31, 31), (47, 23), (2, 2)]:
+        sizes = [out_hw, (1, 1), (out_hw[0], 1), (1, out_hw[1])]
+        sizes += [(int(rng.integers(1, out_hw[0] + 1)), int(rng.integers(1, out_hw[1] + 1))) for _ in range(8)]
+        sources = [rng.integers(0, 256, (*hw, 3), np.uint8) for hw in sizes]
+        for s in sources:  # extremes next to each other: bicubic overshoots and clips
+            s[0, 0], s[-1, -1] = 0, 255
+        got = _on_device(sources, out_hw, interpolation)
+        for g, s in zip(got, sources):
+            np.testing.assert_array_equal(g, _pil(s, out_hw, interpolation), err_msg=f"{s.shape[:2]} -> {out_hw}")
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -50,7 +53,7 @@ def test_flip_and_crop_folded_into_the_tables(flip):
     padded = np.pad(resized, ((pad, pad), (pad, pad), (0, 0)))
     for dy, dx in [(0, 0), (-4, 3), (4, -4), (2, 2), (-1, -3)]:
         want = padded[pad + dy: pad + dy + out_hw[0], pad + dx: pad + dx + out_hw[1]]
-        np.testing.assert_array_equal(_on_device(source, out_hw, "bicubic", flip, (dy, dx)), want,
+        np.testing.assert_array_equal(_on_device([source], out_hw, "bicubic", flip, (dy, dx))[0], want,
                                       err_msg=f"shift {(dy, dx)}")
 
 
