@@ -22,6 +22,11 @@ run stops the grid. --table_only writes the three files from what is there, unfi
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads: on a CPU this may restart the process (reid_jax/allocator.py)
+    from reid_jax import allocator
+
+    allocator.reexec("reid_jax.ablate")
+
 import ctypes
 import functools
 import json

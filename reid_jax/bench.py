@@ -6,8 +6,15 @@ collected into tables (`... | tee bench.jsonl`).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads: on a CPU this may restart the process (reid_jax/allocator.py)
+    from reid_jax import allocator
+
+    allocator.reexec("reid_jax.bench")
+
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import time
 
@@ -223,9 +230,11 @@ def bench_train_step(args) -> None:
         return
     run, hlo_text, cfg, compile_s = _jax_train_step(args)
     runs = {"jax": run}
-    if args.vs_torch:
-        runs["torch"], threads = _torch_train_step(args)
-    times = _step_seconds(runs, args.steps)
+    with contextlib.ExitStack() as stack:
+        if args.vs_torch:
+            runs["torch"] = stack.enter_context(_TorchProcess(args))
+            threads = runs["torch"].threads
+        times = _step_seconds(runs, args.steps)
     step_s = statistics.median(times["jax"])
     if args.profile:
         _print_profile(run, hlo_text, step_s, args)
@@ -261,6 +270,63 @@ def _print_profile(run, hlo_text: str, step_s: float, args) -> None:
                           "share": round(ms / total, 4)}), flush=True)
     print(json.dumps({"bench": "profile_total", "op_ms_per_step": round(total, 1),
                       "step_ms": round(step_s * 1e3, 1)}), flush=True)
+
+
+class _TorchProcess:
+    """PyTorch's step (`_torch_train_step`) run in a process of its own, one step per call, for `--vs-torch`.
+
+    Not in this process: there, each library's step slowed the other's next one (on a 2-core EPYC, float32: JAX's
+    step 7.0 s before any PyTorch step ran, 9.7 s right after one, 7.4-7.9 s in the steps after that), which no
+    pause between them removed; in two processes each keeps its own memory and threads warm and only the cores
+    are shared, one step at a time."""
+
+    def __init__(self, args):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        settings = {k: v for k, v in vars(args).items() if not callable(v)}
+        self._process = ctx.Process(target=_torch_worker, args=(child, settings), daemon=True)
+        self._process.start()
+        child.close()
+        self.threads = self._reply()
+
+    def _reply(self):
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            raise SystemExit(f"the PyTorch reference process ended (exit code {self._process.exitcode})") from None
+        if kind == "error":
+            raise SystemExit(f"the PyTorch reference step failed: {value}")
+        return value
+
+    def __call__(self) -> None:
+        self._conn.send("step")
+        self._reply()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._conn.send("stop")
+        except OSError:
+            pass
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+
+def _torch_worker(conn, settings: dict) -> None:
+    """`_TorchProcess`'s side: builds the step, then runs one per "step" message until "stop"."""
+    try:
+        run, threads = _torch_train_step(argparse.Namespace(**settings))
+        conn.send(("ok", threads))
+        while conn.recv() == "step":
+            run()
+            conn.send(("ok", None))
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - reported to the parent, which stops there
+        conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
 def _torch_train_step(args):

@@ -8,6 +8,11 @@ released checkpoint, as it is). Overrides: `--config.data.batch_size=64`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads: on a CPU this may restart the process (reid_jax/allocator.py)
+    from reid_jax import allocator
+
+    allocator.reexec("reid_jax.main")
+
 import atexit
 import difflib
 import importlib
