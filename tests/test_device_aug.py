@@ -28,8 +28,8 @@ def source():
     rng = np.random.default_rng(0)
     boxes = np.array([[0.2, 0.0, 0.8, 0.2], [0.1, 0.2, 0.9, 0.6], [-1, -1, -1, -1]], np.float32)
     sizes = [(40, 20), (20, 10), (H, W), (25, 11)]
-    return [{"image": rng.integers(0, 256, (*sizes[i % 4], 3), np.uint8), "file_name": f"{i}.png".encode(), "pid": i // 4,
-             "camid": i % 2, "captions": [f"person {i} caption {c}".encode() for c in range(3)],
+    return [{"image": rng.integers(0, 256, (*sizes[i % 4], 3), np.uint8), "file_name": f"{i}.png".encode(),
+             "pid": i // 4, "camid": i % 2, "captions": [f"person {i} caption {c}".encode() for c in range(3)],
              "caption_sources": [], "domain": b"d", "part_boxes": boxes} for i in range(24)]
 
 

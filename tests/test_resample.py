@@ -77,6 +77,8 @@ def test_device_source_decodes_small_images_and_resizes_large_ones():
     Image.fromarray(small).save(png, format="PNG")
     np.testing.assert_array_equal(transforms.device_source(png.getvalue(), (32, 16), "bilinear"), small)
     assert transforms.device_source(small, (32, 16), "bilinear") is small
-    np.testing.assert_array_equal(transforms.device_source(large, (32, 16), "bicubic"), _pil(large, (32, 16), "bicubic"))
+    np.testing.assert_array_equal(transforms.device_source(large, (32, 16), "bicubic"),
+                                  _pil(large, (32, 16), "bicubic"))
     tall = rng.integers(0, 256, (40, 10, 3), np.uint8)  # larger in one axis only: the host resizes it
-    np.testing.assert_array_equal(transforms.device_source(tall, (32, 16), "bilinear"), _pil(tall, (32, 16), "bilinear"))
+    np.testing.assert_array_equal(transforms.device_source(tall, (32, 16), "bilinear"),
+                                  _pil(tall, (32, 16), "bilinear"))

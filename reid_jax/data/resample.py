@@ -63,7 +63,7 @@ def taps(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, n
     total = w[:, 0].copy()
     for j in range(1, k):  # summed left to right, as PIL does
         total += w[:, j]
-    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+    w = w / np.where(total == 0.0, 1.0, total)[:, None]  # normalised to sum 1 (an all-zero row stays zero)
     scaled = w * (1 << PRECISION_BITS)
     fixed = np.trunc(np.where(w < 0, -0.5 + scaled, 0.5 + scaled)).astype(np.int32)
     return np.minimum(at, in_size - 1).astype(np.int32), fixed

@@ -102,11 +102,11 @@ def device_source(image, size: tuple[int, int], interpolation: str) -> np.ndarra
     """What the device resizes (`resize_on_device`): the decoded image uint8 [h, w, 3] itself when it fits in
     `size` (h <= H and w <= W: the device upsamples), else `resize`d to `size` here."""
     _check_interpolation(interpolation)
-    pil = as_pil(image) if is_encoded(image) else None
-    w, h = pil.size if pil is not None else check_rgb(image).shape[1::-1]
-    if h <= size[0] and w <= size[1]:
-        return np.asarray(pil) if pil is not None else image
-    return _resize_pil(pil if pil is not None else Image.fromarray(image), size, interpolation)
+    if not is_encoded(image):
+        h, w = check_rgb(image).shape[:2]
+        return image if h <= size[0] and w <= size[1] else resize(image, size, interpolation)
+    pil = as_pil(image)
+    return np.asarray(pil) if pil.height <= size[0] and pil.width <= size[1] else _resize_pil(pil, size, interpolation)
 
 
 def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
