@@ -404,17 +404,18 @@ def bench_attention(args) -> None:
 
     results = {}
     for impl in ("xla", "cudnn"):
+        row = {"bench": "attention", "implementation": impl, "device": jax.devices()[0].device_kind, "batch": b,
+               "tokens": t, "padded_to": padded, "heads": h, "head_dim": d, "causal": args.causal,
+               "dtype": args.dtype}
         try:
             fn = attention(impl)
             (_, out), grads = fn(q, k, v)
         except Exception as e:  # cuDNN absent (CPU) or refusing the shape: reported, not fatal
-            print(json.dumps({"bench": "attention", "implementation": impl, "error": str(e).splitlines()[0][:200]}))
+            print(json.dumps(row | {"error": str(e).splitlines()[0][:200]}), flush=True)
             continue
         _, seconds = _run_seconds(lambda: fn(q, k, v), args.repeats)
         results[impl] = [np.asarray(x[:, :t], np.float32) for x in (out, *grads)]
-        row = {"bench": "attention", "implementation": impl, "device": jax.devices()[0].device_kind, "batch": b,
-               "tokens": t, "padded_to": padded, "heads": h, "head_dim": d, "causal": args.causal,
-               "dtype": args.dtype, "fwd_bwd_ms": round(seconds * 1e3, 3)}
+        row["fwd_bwd_ms"] = round(seconds * 1e3, 3)
         if impl != "xla" and "xla" in results:
             for name, a, ref in zip(("out", "dq", "dk", "dv"), results[impl], results["xla"]):
                 row[f"{name}_rel_err"] = float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
@@ -588,10 +589,12 @@ def main(argv=None) -> None:
     dat.add_argument("--inline", action="store_true",
                      help="make the batches in the main thread, no grain threads or workers (--workers ignored)")
     dat.set_defaults(fn=bench_data)
+    from reid_jax import gpu_report
     from reid_jax.search import bench as search_bench
     from reid_jax.train import bench as train_bench
     search_bench.add_parsers(sub, _hw)
     train_bench.add_parsers(sub, _hw)
+    gpu_report.add_parsers(sub)
     args = parser.parse_args(argv)
     args.fn(args)
 
