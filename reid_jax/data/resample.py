@@ -69,25 +69,34 @@ def taps(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, n
     return np.minimum(at, in_size - 1).astype(np.int32), fixed
 
 
-def _pick(axis_taps: tuple[np.ndarray, np.ndarray], at: np.ndarray) -> np.ndarray:
-    """Rows `at` of one axis's taps, all-zero weights where `at` is outside the resized image: int32 [n, 2, K]
-    (index, weight)."""
-    index, weight = axis_taps
-    inside = (at >= 0) & (at < len(index))
-    at = np.clip(at, 0, len(index) - 1)
-    return np.stack([index[at], np.where(inside[:, None], weight[at], 0)], axis=1)
+@functools.lru_cache(maxsize=1024)
+def axis_table(in_size: int, out_size: int, interpolation: str, shift: int = 0, flip: bool = False) -> np.ndarray:
+    """One axis's table, int32 [out, 2, K] (index, weight): output pixel i reads the taps of resized pixel
+    i + shift, counted from the far end when `flip`; all-zero weights where that is outside the resized image.
+    Cached (read-only): with a dataset's few source sizes, the flip and the crop's 2 * pad + 1 shifts, a training
+    run needs a few hundred tables at most, and building one costs more than the rest of an image's host work
+    but the decoding (at most 1024 x 15 KB)."""
+    index, weight = taps(in_size, out_size, interpolation)
+    at = np.arange(out_size) + shift
+    if flip:
+        at = out_size - 1 - at
+    inside = (at >= 0) & (at < out_size)
+    at = np.clip(at, 0, out_size - 1)
+    table = np.stack([index[at], np.where(inside[:, None], weight[at], 0)], axis=1)
+    table.flags.writeable = False
+    return table
 
 
 def tables(src_hw: tuple[int, int], out_hw: tuple[int, int], interpolation: str, flip: bool = False,
            shift: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """The tables that turn a source image [h, w, C] into resize -> flip -> crop, for `device.resample`:
-    rows int32 [H, 2, K] and cols int32 [W, 2, K] (index, weight). `shift` = (dy, dx): output pixel (y, x) is
-    pixel (y + dy, x + dx) of the (flipped) resized image, zero outside it (the pad + crop window's corner)."""
+    rows int32 [H, 2, K] and cols int32 [W, 2, K] (index, weight), read-only. `shift` = (dy, dx): output pixel
+    (y, x) is pixel (y + dy, x + dx) of the (flipped) resized image, zero outside it (the pad + crop window's
+    corner)."""
     (h, w), (out_h, out_w) = src_hw, out_hw
     if h > out_h or w > out_w:
         raise ValueError(f"resample.tables upsamples only: a {h}x{w} source is larger than {out_h}x{out_w}; resize "
                          f"it on the host first")
     dy, dx = shift
-    cols = np.arange(out_w) + dx
-    rows = _pick(taps(h, out_h, interpolation), np.arange(out_h) + dy)
-    return rows, _pick(taps(w, out_w, interpolation), (out_w - 1 - cols) if flip else cols)
+    return (axis_table(int(h), int(out_h), interpolation, int(dy)),
+            axis_table(int(w), int(out_w), interpolation, int(dx), bool(flip)))
