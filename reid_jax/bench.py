@@ -500,7 +500,8 @@ def _hw(text: str) -> tuple[int, int]:
     return h, w
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m reid_jax.bench`: one subcommand per bench."""
     parser = argparse.ArgumentParser(prog="python -m reid_jax.bench")
     sub = parser.add_subparsers(dest="bench", required=True)
     enc = sub.add_parser("encode", help="encode_image / encode_text compile and run time")
@@ -595,7 +596,11 @@ def main(argv=None) -> None:
     search_bench.add_parsers(sub, _hw)
     train_bench.add_parsers(sub, _hw)
     gpu_report.add_parsers(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     args.fn(args)
 
 

@@ -40,6 +40,17 @@ def test_plan_rows_logs_and_summary(tmp_path):
     assert "## The pipeline feeding the step" not in summary  # no `train` row: no table
 
 
+def test_every_entry_of_the_gpu_plan_is_a_valid_bench_command():
+    from reid_jax import bench
+
+    plan = gpu_report.gpu_plan("/data", workers=12)
+    assert len({e.name for e in plan}) == len(plan)
+    for entry in plan:  # a typo here would cost a lent GPU's minutes, not a test's
+        args = bench.parser().parse_args(list(entry.argv))
+        assert args.bench == entry.argv[0], entry
+    assert sum(e.estimate_s for e in plan[:4]) < 540  # the default budget reaches the step at batch 256
+
+
 def test_summary_of_the_pipeline_row():
     row = {"entry": "train_b64", "bench": "train", "batch": 64, "workers": 12, "pairs_per_s": 1800.0,
            "step_only_pairs_per_s": 2000.0, "input_wait_ms": 1.5, "host_cores": 9.1, "device": "NVIDIA H200"}
