@@ -73,9 +73,8 @@ def taps(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, n
 def axis_table(in_size: int, out_size: int, interpolation: str, shift: int = 0, flip: bool = False) -> np.ndarray:
     """One axis's table, int32 [out, 2, K] (index, weight): output pixel i reads the taps of resized pixel
     i + shift, counted from the far end when `flip`; all-zero weights where that is outside the resized image.
-    Cached (read-only): with a dataset's few source sizes, the flip and the crop's 2 * pad + 1 shifts, a training
-    run needs a few hundred tables at most, and building one costs more than the rest of an image's host work
-    but the decoding (at most 1024 x 15 KB)."""
+    Cached (read-only, at most 1024 x 15 KB): a dataset's few source sizes times the flip and the crop's
+    2 * pad + 1 shifts make a few hundred tables, and building an image's two took a tenth of its host work."""
     index, weight = taps(in_size, out_size, interpolation)
     at = np.arange(out_size) + shift
     if flip:
